@@ -1,0 +1,458 @@
+"""Rotary position encodings behind one protocol: ``q, k = encoding(q, k, positions)``.
+
+Every encoding rotates each query and key by an orthogonal matrix ``R(p)`` that depends on the
+token's coordinates ``p`` only: ``q'_i = R(p_i) q_i``, ``k'_j = R(p_j) k_j``, so attention
+scores become ``q_i^T R(p_i)^T R(p_j) k_j``. Rotations are built once per call (shared by the
+batch when positions are) and applied to both q and k; values are never touched.
+
+=============  ===========================================  ====================================
+encoding       R(p)                                         learnable
+=============  ===========================================  ====================================
+AxialRoPE      2x2 rotations, each pair by one axis         none (fixed frequencies)
+MixedRoPE      2x2 rotations by ``sum_a p_a f[h, a, k]``    ``f``: heads x axes x d/2
+LieRE          ``exp(sum_a p_a A[h, a])``, A block-skew     heads x axes x (d/s) x s(s-1)/2
+=============  ===========================================  ====================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as F
+
+__all__ = ["RotaryEncoding", "LieRE", "AxialRoPE", "MixedRoPE"]
+
+Rotation = Union[Tensor, tuple[Tensor, Tensor]]
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    if device_type in _AUTOCAST_DEVICES:
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+    return value
+
+
+def _rope_magnitudes(count: int, max_freq: float, base: float) -> Tensor:
+    """Geometric frequencies ``max_freq * base ** (-i / count)``, i = 0..count-1 (float64)."""
+    i = torch.arange(count, dtype=torch.float64)
+    return max_freq * base ** (-i / max(count, 1))
+
+
+class RotaryEncoding(nn.Module):
+    """Base class: validates ``(q, k, positions)``, builds rotations once, rotates q and k.
+
+    Subclasses implement ``_rotations(positions) -> Rotation`` (positions already in the
+    compute dtype) and ``_rotate(x, rotation) -> Tensor``.
+
+    Rotations are computed in float32 (float64 when q or k is float64) with autocast disabled,
+    whatever dtype q and k come in; each output is cast back to its input's dtype.
+
+    Shape:
+        q, k: ``(b, h, n, d)``; positions: ``(n, a)`` (shared by the batch) or ``(b, n, a)``
+        (per sample) -> ``(b, h, n, d)`` each.
+    """
+
+    head_dim: int
+    num_axes: int
+    num_heads: int  # 1: shared by every head of q/k
+
+    def __init__(self, head_dim: int, num_axes: int, num_heads: int) -> None:
+        super().__init__()
+        self.head_dim = _check_positive_int(head_dim, "head_dim")
+        self.num_axes = _check_positive_int(num_axes, "num_axes")
+        self.num_heads = _check_positive_int(num_heads, "num_heads")
+
+    # -- protocol ---------------------------------------------------------------------------
+    def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        positions = self._check_inputs(q, k, positions)
+        dtype = F.compute_dtype(q.dtype, k.dtype)
+        with _no_autocast(q.device.type):
+            rotation = self._rotations(positions.to(dtype))
+            q_out = self._rotate(q.to(dtype), rotation).to(q.dtype)
+            k_out = self._rotate(k.to(dtype), rotation).to(k.dtype)
+        return q_out, k_out
+
+    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate a single tensor (e.g. keys of a cache) exactly as ``forward`` rotates q.
+
+        Shape:
+            x ``(b, h, n, d)``, positions ``(n, a)`` or ``(b, n, a)`` -> ``(b, h, n, d)``
+        """
+        return self(x, x, positions)[0]
+
+    def rotation_matrices(self, positions: Tensor) -> Tensor:
+        """The dense rotations ``R(p)`` this encoding applies, for inspection and tests.
+
+        Shape:
+            positions ``(n, a)`` -> ``(h', n, d, d)`` with ``h'`` the encoding's ``num_heads``
+            (1 when shared by all heads).
+        """
+        d, h = self.head_dim, self.num_heads
+        if positions.dim() != 2:
+            raise ValueError(
+                f"rotation_matrices takes positions of shape (tokens, {self.num_axes}); "
+                f"got {tuple(positions.shape)}."
+            )
+        n = positions.shape[0]
+        dtype = positions.dtype if positions.dtype == torch.float64 else torch.float32
+        # Column j of R is R e_j: rotate the identity's rows as a batch of d queries.
+        basis = torch.eye(d, dtype=dtype, device=positions.device)
+        x = basis.view(d, 1, 1, d).expand(d, h, n, d)
+        out = self.rotate(x, positions)
+        return out.permute(1, 2, 3, 0)
+
+    @torch.no_grad()
+    def generator_norm(self, positions: Tensor) -> float:
+        """Upper bound on ``||sum_a p_a A_a||_2`` over all tokens and heads.
+
+        The exponential's rounding error grows with this norm (Note [position scale] in
+        ``liere.positions``); ``liere.testing`` scales its default tolerances by it.
+
+        Shape:
+            positions ``(n, a)`` or ``(b, n, a)``
+        """
+        if positions.numel() == 0:
+            return 0.0
+        return float(self._generator_norms(positions.detach().double().abs()).max())
+
+    # -- subclass hooks ---------------------------------------------------------------------
+    def _generator_norms(self, abs_positions: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _rotations(self, positions: Tensor) -> Rotation:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- validation -------------------------------------------------------------------------
+    def _check_inputs(self, q: Tensor, k: Tensor, positions: Tensor) -> Tensor:
+        name = type(self).__name__
+        d = self.head_dim
+        for label, t in (("q", q), ("k", k)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name}: {label} must be a Tensor; got {type(t).__name__}.")
+            if t.dim() != 4 or t.shape[-1] != d:
+                raise ValueError(
+                    f"{name}: {label} must have shape (batch, heads, tokens, {d}); "
+                    f"got {tuple(t.shape)}."
+                )
+            if not t.is_floating_point():
+                raise ValueError(f"{name}: {label} must be floating point; got {t.dtype}.")
+            if self.num_heads > 1 and t.shape[1] != self.num_heads:
+                raise ValueError(
+                    f"{name} was built with num_heads={self.num_heads} (one rotation per head); "
+                    f"{label} has {t.shape[1]} heads. Build it with num_heads={t.shape[1]}, or "
+                    f"num_heads=1 to share one rotation across heads."
+                )
+        if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+            raise ValueError(
+                f"{name}: q and k must agree in batch and tokens; got q {tuple(q.shape)} "
+                f"and k {tuple(k.shape)}."
+            )
+        if not isinstance(positions, Tensor):
+            raise TypeError(
+                f"{name}: positions must be a Tensor of coordinates, e.g. "
+                f"liere.grid_positions(...); got {type(positions).__name__}."
+            )
+        b, n, a = q.shape[0], q.shape[2], self.num_axes
+        shared = positions.dim() == 2 and tuple(positions.shape) == (n, a)
+        per_sample = positions.dim() == 3 and tuple(positions.shape) == (b, n, a)
+        if not (shared or per_sample):
+            raise ValueError(
+                f"{name}: positions must have shape (tokens, num_axes) = ({n}, {a}) or "
+                f"(batch, tokens, num_axes) = ({b}, {n}, {a}) for q of shape {tuple(q.shape)}; "
+                f"got {tuple(positions.shape)}."
+            )
+        if positions.dtype == torch.bool or positions.is_complex():
+            raise ValueError(
+                f"{name}: positions must be real coordinates; got dtype {positions.dtype}."
+            )
+        if positions.device != q.device:
+            raise ValueError(
+                f"{name}: positions are on {positions.device} but q is on {q.device}; "
+                f"move them with positions.to(q.device)."
+            )
+        return positions
+
+
+class AxialRoPE(RotaryEncoding):
+    """Fixed axial RoPE: pair ``k`` of axis ``a`` turns by ``p_a * f_k``.
+
+    ``R(p) = blockdiag_k rot(p_{axis(k)} f_k)`` with ``rot(t) = [[cos t, -sin t], [sin t, cos t]]``
+    acting on channel pairs ``(2k, 2k+1)``.
+
+    Pair layout: the ``d/2`` pairs are split into ``num_axes`` contiguous groups of
+    ``(d/2) // num_axes`` pairs (axis 0 first). When that does not divide evenly the last
+    ``(d/2) % num_axes`` pairs are left unrotated, as in the paper's VisionLlama baseline (e.g.
+    ``head_dim=64`` with 3 axes: 10 pairs per axis, 2 pairs unrotated). Within each group the
+    frequencies are ``max_freq * base ** (-i / group)``, ``i = 0..group-1``.
+    With ``num_axes=1`` this is plain 1D RoPE (``max_freq=1, base=10000`` on integer token
+    indices is the language-model convention).
+
+    The defaults suit liere's coordinates (each axis on [0, 1] over the training grid): the
+    fastest pair turns about 1.2 rad per patch on a 14-patch axis, the slowest about a quarter
+    turn over the whole axis.
+
+    Args:
+        head_dim: even channel count per head.
+        num_axes: coordinate axes (1 text/audio, 2 images, 3 volumes/clips).
+        max_freq: fastest angular frequency, in radians per unit of position.
+        base: ratio between the fastest and (nearly) the slowest frequency of an axis.
+
+    Shape:
+        q, k ``(b, h, n, d)``, positions ``(n, a)`` or ``(b, n, a)`` -> ``(b, h, n, d)`` each
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_axes: int = 2,
+        *,
+        max_freq: float = 16.0,
+        base: float = 100.0,
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__(head_dim, num_axes, num_heads=1)
+        if head_dim % 2:
+            raise ValueError(f"AxialRoPE needs an even head_dim (channel pairs); got {head_dim}.")
+        if not (max_freq > 0 and base > 0):
+            raise ValueError(f"max_freq and base must be positive; got {max_freq}, {base}.")
+        self.max_freq = float(max_freq)
+        self.base = float(base)
+        self.pairs_per_axis = (head_dim // 2) // num_axes
+        if self.pairs_per_axis == 0:
+            raise ValueError(
+                f"AxialRoPE: head_dim={head_dim} has {head_dim // 2} channel pairs, fewer than "
+                f"num_axes={num_axes}; every axis needs at least one pair."
+            )
+        # dtype/device are accepted for a uniform constructor; the frequency table is derived
+        # from the configuration in forward (never rounded by module.to(bfloat16)).
+        del device, dtype
+
+    def frequencies(self, device: Optional[torch.device] = None) -> Tensor:
+        """The ``(1, a, k)`` frequency table: column ``k`` is nonzero only on its own axis.
+
+        Shape:
+            ``(1, num_axes, head_dim // 2)`` (float64)
+        """
+        a, per = self.num_axes, self.pairs_per_axis
+        mags = _rope_magnitudes(per, self.max_freq, self.base)
+        table = torch.zeros(a, self.head_dim // 2, dtype=torch.float64)
+        for axis in range(a):
+            table[axis, axis * per : (axis + 1) * per] = mags
+        return table.unsqueeze(0).to(device)
+
+    def _generator_norms(self, abs_positions: Tensor) -> Tensor:
+        return F.rope_angles(abs_positions, self.frequencies(abs_positions.device).abs())
+
+    def _rotations(self, positions: Tensor) -> Rotation:
+        freqs = self.frequencies(positions.device).to(positions.dtype)
+        angles = F.rope_angles(positions, freqs)
+        return torch.cos(angles), torch.sin(angles)
+
+    def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:
+        cos, sin = rotation
+        return F.apply_rope(x, cos, sin)
+
+    def extra_repr(self) -> str:
+        return (
+            f"head_dim={self.head_dim}, num_axes={self.num_axes}, "
+            f"max_freq={self.max_freq}, base={self.base}, "
+            f"unrotated_pairs={self.head_dim // 2 - self.num_axes * self.pairs_per_axis}"
+        )
+
+
+class MixedRoPE(RotaryEncoding):
+    """RoPE-Mixed (Heo et al. 2024): pair ``k`` of head ``h`` turns by ``sum_a p_a f[h, a, k]``.
+
+    Learnable frequencies mix every axis in every pair. Initialisation: pair ``k`` has
+    magnitude ``max_freq * base ** (-k / (d/2))`` pointing in a random direction of the
+    ``num_axes``-dimensional position space (per head), so the encoding starts as a randomly
+    oriented multi-frequency RoPE. Equals ``LieRE(block_size=2)`` with ``f = -theta``
+    (the 2x2 block's upper entry).
+
+    Args:
+        head_dim: even channel count per head.
+        num_axes: coordinate axes.
+        num_heads: one frequency table per head; 1 shares one table across heads.
+        max_freq, base: initial frequency range (see ``AxialRoPE``).
+
+    Shape:
+        q, k ``(b, h, n, d)``, positions ``(n, a)`` or ``(b, n, a)`` -> ``(b, h, n, d)`` each
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_axes: int = 2,
+        *,
+        num_heads: int = 1,
+        max_freq: float = 16.0,
+        base: float = 100.0,
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__(head_dim, num_axes, num_heads)
+        if head_dim % 2:
+            raise ValueError(f"MixedRoPE needs an even head_dim (channel pairs); got {head_dim}.")
+        self.max_freq = float(max_freq)
+        self.base = float(base)
+        self.freqs = nn.Parameter(
+            torch.empty(num_heads, num_axes, head_dim // 2, device=device, dtype=dtype)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        h, a, k = self.freqs.shape
+        if self.freqs.is_meta:
+            return
+        mags = _rope_magnitudes(k, self.max_freq, self.base)
+        directions = torch.randn(h, a, k, dtype=torch.float64)
+        directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        with torch.no_grad():
+            self.freqs.copy_(directions * mags)
+
+    def _generator_norms(self, abs_positions: Tensor) -> Tensor:
+        return F.rope_angles(abs_positions, self.freqs.detach().double().abs())
+
+    def _rotations(self, positions: Tensor) -> Rotation:
+        angles = F.rope_angles(positions, self.freqs.to(positions.dtype))
+        return torch.cos(angles), torch.sin(angles)
+
+    def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:
+        cos, sin = rotation
+        return F.apply_rope(x, cos, sin)
+
+    def extra_repr(self) -> str:
+        return (
+            f"head_dim={self.head_dim}, num_axes={self.num_axes}, num_heads={self.num_heads}, "
+            f"max_freq={self.max_freq}, base={self.base}"
+        )
+
+
+class LieRE(RotaryEncoding):
+    """LieRE: ``R(p) = exp(sum_a p_a A_a)`` with learned block-diagonal skew-symmetric ``A_a``.
+
+    One generator per axis (per head when ``num_heads > 1``), block-diagonal with
+    ``head_dim // block_size`` blocks of ``block_size x block_size``; each block is
+    ``U - U^T`` from its learned strictly upper-triangular entries, so ``A == -A.mT`` exactly and
+    every ``R(p)`` is a rotation. ``block_size == head_dim`` is dense LieRE (LieRE_64 at
+    head_dim 64); ``block_size=2`` is RoPE-Mixed and runs on the RoPE path (closed form).
+    The exponential of each block is taken on its own (``liere.functional.expm_skew``).
+
+    Args:
+        head_dim: channels per head.
+        num_axes: coordinate axes (2 images, 3 volumes/clips).
+        num_heads: one set of generators per head; 1 shares one set across heads.
+        block_size: size of the diagonal blocks; must divide ``head_dim``.
+        init: ``"uniform"`` (the paper: upper entries ~ U[0, init_scale)), ``"normal"``
+            (N(0, init_scale^2)) or ``"zeros"`` (start at the identity).
+        init_scale: 2*pi by default (the paper's range).
+
+    Parameters:
+        weight: ``(num_heads, num_axes, head_dim // block_size, s * (s - 1) // 2)``, the
+        strictly upper-triangular entries of every block, row-major.
+
+    Shape:
+        q, k ``(b, h, n, d)``, positions ``(n, a)`` or ``(b, n, a)`` -> ``(b, h, n, d)`` each
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        num_axes: int = 2,
+        *,
+        num_heads: int = 1,
+        block_size: int = 8,
+        init: str = "uniform",
+        init_scale: float = 2 * math.pi,
+        device: Optional[Union[torch.device, str]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        super().__init__(head_dim, num_axes, num_heads)
+        _check_positive_int(block_size, "block_size", minimum=2)
+        if head_dim % block_size:
+            raise ValueError(
+                f"block_size must divide head_dim; got block_size={block_size} for "
+                f"head_dim={head_dim}. Use one of "
+                f"{[s for s in range(2, head_dim + 1) if head_dim % s == 0]}."
+            )
+        if init not in ("uniform", "normal", "zeros"):
+            raise ValueError(f"init must be 'uniform', 'normal' or 'zeros'; got {init!r}.")
+        self.block_size = block_size
+        self.num_blocks = head_dim // block_size
+        self.init = init
+        self.init_scale = float(init_scale)
+        entries = block_size * (block_size - 1) // 2
+        self.weight = nn.Parameter(
+            torch.empty(num_heads, num_axes, self.num_blocks, entries, device=device, dtype=dtype)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.init == "uniform":
+                self.weight.uniform_(0.0, self.init_scale)
+            elif self.init == "normal":
+                self.weight.normal_(0.0, self.init_scale)
+            else:
+                self.weight.zero_()
+
+    def bases(self) -> Tensor:
+        """The skew-symmetric blocks of every generator.
+
+        Shape:
+            ``(num_heads, num_axes, head_dim // block_size, block_size, block_size)``
+        """
+        return F.skew_symmetric(self.weight, self.block_size)
+
+    def generators(self) -> Tensor:
+        """Dense, exactly skew-symmetric generators ``A`` (zeros off the diagonal blocks).
+
+        Shape:
+            ``(num_heads, num_axes, head_dim, head_dim)``
+        """
+        blocks = self.bases()
+        h, a, m, s, _ = blocks.shape
+        eye = torch.eye(m, dtype=blocks.dtype, device=blocks.device)
+        dense = torch.einsum("hamij,mn->haminj", blocks, eye)
+        return dense.reshape(h, a, m * s, m * s)
+
+    def _generator_norms(self, abs_positions: Tensor) -> Tensor:
+        # ||sum_a p_a A_a||_2 <= sum_a |p_a| max_m ||A[h, a, m]||_2 (block-diagonal A).
+        blocks = F.skew_symmetric(self.weight.detach().double(), self.block_size)
+        per_axis = torch.linalg.matrix_norm(blocks, ord=2).amax(dim=-1)  # (h, a)
+        return torch.matmul(abs_positions, per_axis.mT)  # (.., n, h)
+
+    def _rotations(self, positions: Tensor) -> Rotation:
+        weight = self.weight.to(positions.dtype)
+        if self.block_size == 2:
+            # 2x2 block [[0, t], [-t, 0]] turns pair (x0, x1) by -t: RoPE with frequency -theta.
+            angles = F.rope_angles(positions, -weight[..., 0])
+            return torch.cos(angles), torch.sin(angles)
+        bases = F.skew_symmetric(weight, self.block_size)
+        return F.expm_skew(F.block_generators(positions, bases))
+
+    def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:
+        if isinstance(rotation, tuple):
+            return F.apply_rope(x, *rotation)
+        return F.apply_blockwise(x, rotation)
+
+    def extra_repr(self) -> str:
+        return (
+            f"head_dim={self.head_dim}, num_axes={self.num_axes}, num_heads={self.num_heads}, "
+            f"block_size={self.block_size}, init={self.init!r}"
+        )

@@ -1,0 +1,289 @@
+"""A small reference Vision Transformer for 2D images and 3D volumes/clips.
+
+Every block owns its own position encoding (truly per-layer generators/frequencies; the
+paper's official code accidentally reuses layer 0's).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .attention import RotaryAttention
+from .encodings import AxialRoPE, LieRE, MixedRoPE, RotaryEncoding
+from .positions import grid_positions
+
+__all__ = ["VisionTransformer", "Block", "POS_ENCODINGS", "make_pos_enc"]
+
+POS_ENCODINGS = ("none", "absolute", "rope-axial", "rope-mixed", "liere")
+
+
+def make_pos_enc(
+    name: str,
+    head_dim: int,
+    num_axes: int,
+    num_heads: int,
+    *,
+    block_size: int = 8,
+    **kwargs: Any,
+) -> Optional[RotaryEncoding]:
+    """The rotary encoding one attention layer uses for ``name`` (None for none/absolute)."""
+    if name in ("none", "absolute"):
+        return None
+    if name == "rope-axial":
+        return AxialRoPE(head_dim, num_axes, **kwargs)
+    if name == "rope-mixed":
+        return MixedRoPE(head_dim, num_axes, num_heads=num_heads, **kwargs)
+    if name == "liere":
+        return LieRE(head_dim, num_axes, num_heads=num_heads, block_size=block_size, **kwargs)
+    raise ValueError(f"pos_enc must be one of {POS_ENCODINGS}; got {name!r}.")
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x)); x + mlp(norm(x))``.
+
+    Shape:
+        x ``(b, prefix + n, dim)``, positions ``(n, a)`` or ``(b, n, a)`` -> same as x
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        mlp_ratio: float = 4.0,
+        pos_enc: Optional[nn.Module] = None,
+        num_prefix_tokens: int = 1,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = RotaryAttention(
+            dim,
+            num_heads,
+            pos_enc=pos_enc,
+            num_prefix_tokens=num_prefix_tokens,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=drop,
+        )
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+        x = x + self.attn(self.norm1(x), positions)
+        return x + self.mlp(self.norm2(x))
+
+
+def _tuple(value: Union[int, Sequence[int]], name: str) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    values = tuple(value)
+    if len(values) not in (2, 3) or any(
+        isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values
+    ):
+        raise ValueError(
+            f"{name} must be an int or a 2-tuple (image) / 3-tuple (volume, clip) of positive "
+            f"ints; got {value!r}."
+        )
+    return values
+
+
+class VisionTransformer(nn.Module):
+    """ViT with a CLS token and pre-norm blocks; 2D images or 3D volumes/clips.
+
+    Positions are ``grid_positions(*grid, reference=training_grid)``: each axis spans [0, 1]
+    at ``image_size // patch_size`` and extends proportionally for larger inputs (the paper's
+    convention). The ``"absolute"`` embedding is learned at the training grid and resized
+    (bilinear / trilinear) for other grids.
+
+    Args:
+        image_size, patch_size: int (square image) or 2-tuple ``(H, W)`` or 3-tuple
+            ``(D, H, W)``; every size must be divisible by its patch size.
+        num_classes: output logits (0 returns the pooled features).
+        in_channels, dim, depth, num_heads, mlp_ratio: the usual.
+        pos_enc: ``"none"``, ``"absolute"``, ``"rope-axial"``, ``"rope-mixed"`` or ``"liere"``.
+        block_size: LieRE block size (8 is LieRE_8; ``dim // num_heads`` is dense).
+        pos_enc_kwargs: extra keyword arguments for the encoding (e.g. ``num_heads=1`` to share
+            LieRE generators across heads, ``max_freq`` for RoPE).
+        drop_rate, attn_drop_rate: dropout.
+
+    Shape:
+        x ``(b, in_channels, *spatial)`` with ``len(spatial) == len(image_size)`` and each
+        spatial size divisible by its patch size -> ``(b, num_classes)``
+    """
+
+    def __init__(
+        self,
+        image_size: Union[int, Sequence[int]],
+        patch_size: Union[int, Sequence[int]],
+        num_classes: int,
+        *,
+        in_channels: int = 3,
+        dim: int = 192,
+        depth: int = 6,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        pos_enc: str = "liere",
+        block_size: int = 8,
+        pos_enc_kwargs: Optional[dict[str, Any]] = None,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if pos_enc not in POS_ENCODINGS:
+            raise ValueError(f"pos_enc must be one of {POS_ENCODINGS}; got {pos_enc!r}.")
+        image = _tuple(image_size, "image_size")
+        if isinstance(patch_size, int) and not isinstance(patch_size, bool):
+            patch = (patch_size,) * len(image)
+        else:
+            patch = _tuple(patch_size, "patch_size")
+        if len(patch) != len(image):
+            raise ValueError(
+                f"patch_size {patch} must have as many axes as image_size {image}."
+            )
+        if any(i % p for i, p in zip(image, patch)):
+            raise ValueError(f"image_size {image} must be divisible by patch_size {patch}.")
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}.")
+        self.image_size = image
+        self.patch_size = patch
+        self.grid_size = tuple(i // p for i, p in zip(image, patch))
+        self.num_axes = len(image)
+        self.in_channels = in_channels
+        self.dim = dim
+        self.num_classes = num_classes
+        self.pos_enc = pos_enc
+        self.num_prefix_tokens = 1
+        head_dim = dim // num_heads
+
+        conv = nn.Conv2d if self.num_axes == 2 else nn.Conv3d
+        self.patch_embed = conv(in_channels, dim, kernel_size=patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed: Optional[nn.Parameter] = None
+        if pos_enc == "absolute":
+            self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.grid_size), dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        kwargs = dict(pos_enc_kwargs or {})
+        self.blocks = nn.ModuleList(
+            Block(
+                dim,
+                num_heads,
+                mlp_ratio=mlp_ratio,
+                pos_enc=make_pos_enc(
+                    pos_enc, head_dim, self.num_axes, num_heads, block_size=block_size, **kwargs
+                ),
+                num_prefix_tokens=self.num_prefix_tokens,
+                qkv_bias=qkv_bias,
+                drop=drop_rate,
+                attn_drop=attn_drop_rate,
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    @property
+    def uses_rotary(self) -> bool:
+        return self.pos_enc in ("rope-axial", "rope-mixed", "liere")
+
+    def _init_weights(self) -> None:
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def grid_for(self, spatial: Sequence[int]) -> tuple[int, ...]:
+        """Patch grid of an input with these spatial sizes (validated)."""
+        if len(spatial) != self.num_axes:
+            kind = "(B, C, H, W)" if self.num_axes == 2 else "(B, C, D, H, W)"
+            raise ValueError(
+                f"this model takes {self.num_axes}-D inputs {kind}; got {len(spatial)} spatial "
+                f"dims {tuple(spatial)}."
+            )
+        if any(s % p for s, p in zip(spatial, self.patch_size)):
+            raise ValueError(
+                f"input spatial size {tuple(spatial)} must be divisible by patch_size "
+                f"{self.patch_size}."
+            )
+        return tuple(s // p for s, p in zip(spatial, self.patch_size))
+
+    def positions_for(
+        self, grid: Sequence[int], device: Optional[torch.device] = None
+    ) -> Tensor:
+        """Token coordinates for a patch grid, with the training grid as reference.
+
+        Shape:
+            ``(prod(grid), num_axes)``
+        """
+        return grid_positions(*grid, reference=self.grid_size, device=device)
+
+    def absolute_embedding(self, grid: Sequence[int]) -> Tensor:
+        """The learned absolute embedding, resized to ``grid`` when it differs.
+
+        Shape:
+            ``(1, prod(grid), dim)``
+        """
+        assert self.pos_embed is not None
+        grid = tuple(grid)
+        if grid == self.grid_size:
+            return self.pos_embed
+        mode = "bilinear" if self.num_axes == 2 else "trilinear"
+        table = self.pos_embed.reshape(1, *self.grid_size, self.dim).movedim(-1, 1)
+        table = F.interpolate(table, size=grid, mode=mode, align_corners=False)
+        return table.movedim(1, -1).reshape(1, math.prod(grid), self.dim)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Tokens after the last block and norm (CLS first).
+
+        Shape:
+            x ``(b, c, *spatial)`` -> ``(b, 1 + prod(grid), dim)``
+        """
+        if x.dim() < 3 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x must have shape (batch, {self.in_channels}, *spatial); got {tuple(x.shape)}."
+            )
+        grid = self.grid_for(x.shape[2:])
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # b n dim
+        if self.pos_embed is not None:
+            tokens = tokens + self.absolute_embedding(grid).to(tokens.dtype)
+        cls = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+        tokens = self.pos_drop(torch.cat((cls, tokens), dim=1))
+        positions = self.positions_for(grid, device=x.device) if self.uses_rotary else None
+        for block in self.blocks:
+            tokens = block(tokens, positions)
+        return self.norm(tokens)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.forward_features(x)[:, 0])
+
+    def extra_repr(self) -> str:
+        return (
+            f"image_size={self.image_size}, patch_size={self.patch_size}, "
+            f"grid={self.grid_size}, pos_enc={self.pos_enc!r}"
+        )

@@ -1,0 +1,271 @@
+"""Assertions for the positional behaviour of encodings and attention modules.
+
+Import without pytest or hypothesis installed; ``liere.testing.strategies`` needs hypothesis.
+Every ``assert_*`` raises ``AssertionError`` whose message holds the measured figure and the
+tolerance it was held to.
+
+Default orthogonality tolerance (``orthogonality_tolerance``)::
+
+    atol = 10 * d * eps(dtype) * max(1, ||A(p)||_2)
+
+``d`` is head_dim, ``eps`` the machine epsilon of the dtype the rotation is computed in
+(float32 for half inputs), and ``||A(p)||_2`` the largest generator norm over the positions
+(``RotaryEncoding.generator_norm``; 1 for modules without one). The norm factor is needed:
+the scaling-and-squaring exponential's error grows with it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "orthogonality_tolerance",
+    "orthogonality_error",
+    "assert_orthogonal",
+    "relative_position_error",
+    "assert_relative",
+    "permutation_equivariance_error",
+    "assert_permutation_equivariant",
+]
+
+Encoding = Callable[[Tensor, Tensor, Tensor], "tuple[Tensor, Tensor]"]
+
+
+def _attr(encoding: Any, name: str, default: Any) -> Any:
+    return getattr(encoding, name, default)
+
+
+def _compute_eps(dtype: torch.dtype) -> float:
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def _random_qk(
+    encoding: Any, positions: Tensor, batch: int, dtype: torch.dtype, seed: int
+) -> tuple[Tensor, Tensor]:
+    d = _attr(encoding, "head_dim", None)
+    if d is None:
+        raise ValueError("encoding has no head_dim attribute; pass head_dim=... explicitly.")
+    heads = max(1, _attr(encoding, "num_heads", 1))
+    n = positions.shape[-2]
+    b = positions.shape[0] if positions.dim() == 3 else batch
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(b, heads, n, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(b, heads, n, d, generator=gen, dtype=torch.float64)
+    return q.to(device=positions.device, dtype=dtype), k.to(device=positions.device, dtype=dtype)
+
+
+def orthogonality_tolerance(encoding: Any, positions: Tensor, dtype: torch.dtype) -> float:
+    """``10 * d * eps(dtype) * max(1, ||A(p)||_2)``: see the module docstring."""
+    d = _attr(encoding, "head_dim", 1)
+    norm_fn = _attr(encoding, "generator_norm", None)
+    norm = float(norm_fn(positions)) if callable(norm_fn) else 1.0
+    return 10.0 * d * _compute_eps(dtype) * max(1.0, norm)
+
+
+def orthogonality_error(
+    encoding: Any, positions: Tensor, *, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> float:
+    """Largest change of an inner product ``<x_i, x_j>`` between vectors at the same token and
+    head, relative to ``|x_i| |x_j|``, over ``head_dim + 1`` random vectors (enough to span the
+    space, so this is 0 exactly when every ``R(p)`` is orthogonal on all of it).
+
+    Shape:
+        positions ``(n, a)``
+    """
+    d = _attr(encoding, "head_dim", None)
+    if d is None:
+        raise ValueError("encoding has no head_dim attribute.")
+    q, k = _random_qk(encoding, positions, d + 1, dtype, seed)
+    with torch.no_grad():
+        q_out, k_out = encoding(q, k, positions)
+    worst = 0.0
+    for before, after in ((q, q_out), (k, k_out)):
+        before, after = before.double(), after.double()
+        # Gram matrices over the batch at every (head, token): (h, n, b, b)
+        gram_in = torch.einsum("bhnd,chnd->hnbc", before, before)
+        gram_out = torch.einsum("bhnd,chnd->hnbc", after, after)
+        norms = before.norm(dim=-1).permute(1, 2, 0)  # h n b
+        scale = norms.unsqueeze(-1) * norms.unsqueeze(-2)
+        worst = max(worst, float(((gram_out - gram_in).abs() / scale).max()))
+    return worst
+
+
+def assert_orthogonal(
+    encoding: Any,
+    positions: Tensor,
+    *,
+    atol: Optional[float] = None,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> None:
+    """Assert that ``encoding`` rotates q and k orthogonally at every position.
+
+    Random vectors (seeded) keep their norms and mutual inner products within ``atol``
+    (relative to their norms); the default is ``orthogonality_tolerance``.
+
+    Shape:
+        positions ``(n, a)``
+    """
+    error = orthogonality_error(encoding, positions, dtype=dtype, seed=seed)
+    tol = orthogonality_tolerance(encoding, positions, dtype) if atol is None else atol
+    if not error <= tol:
+        raise AssertionError(
+            f"rotations are not orthogonal: inner products changed by {error:.3e} "
+            f"(relative), tolerance {tol:.3e}."
+        )
+
+
+def _scores(encoding: Any, q: Tensor, k: Tensor, positions: Tensor) -> Tensor:
+    with torch.no_grad():
+        q_out, k_out = encoding(q, k, positions)
+    return torch.einsum("bhid,bhjd->bhij", q_out.double(), k_out.double())
+
+
+def relative_position_error(
+    encoding: Any,
+    positions: Tensor,
+    shift: Any,
+    *,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> float:
+    """How much attention scores ``q_i . k_j`` change when every position moves by ``shift``.
+
+    Returns ``max |S(p + shift) - S(p)| / max |S(p)|`` for seeded random q, k. It is zero (up to
+    rounding) for encodings whose scores depend on ``p_j - p_i`` only: RoPE, block-2 LieRE,
+    any 1-axis LieRE; dense 2D LieRE gives a clearly positive figure.
+
+    Shape:
+        positions ``(n, a)``; shift ``(a,)`` (or anything that broadcasts to it)
+    """
+    q, k = _random_qk(encoding, positions, 2, dtype, seed)
+    shift_t = torch.as_tensor(shift, dtype=positions.dtype, device=positions.device)
+    before = _scores(encoding, q, k, positions)
+    after = _scores(encoding, q, k, positions + shift_t)
+    return float((after - before).abs().max() / before.abs().max())
+
+
+def assert_relative(
+    encoding: Any,
+    positions: Tensor,
+    shift: Any = None,
+    *,
+    atol: Optional[float] = None,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> None:
+    """Assert that scores depend only on relative positions: shifting all positions by
+    ``shift`` (default: three seeded random shifts of unit scale) changes no score by more than
+    ``atol`` relative to the largest score.
+
+    Default ``atol``: ``100 * eps(dtype) * max(1, ||A(p + shift)||_2)``, the rounding of the
+    rotations at the largest shifted position.
+    """
+    a = positions.shape[-1]
+    if shift is None:
+        gen = torch.Generator().manual_seed(seed + 1)
+        shifts = [torch.randn(a, generator=gen, dtype=torch.float64) for _ in range(3)]
+    else:
+        shifts = [torch.as_tensor(shift, dtype=torch.float64)]
+    norm_fn = _attr(encoding, "generator_norm", None)
+    for s in shifts:
+        s = s.to(dtype=positions.dtype, device=positions.device)
+        error = relative_position_error(encoding, positions, s, dtype=dtype, seed=seed)
+        if atol is None:
+            norm = max(
+                float(norm_fn(positions + s)) if callable(norm_fn) else 1.0,
+                float(norm_fn(positions)) if callable(norm_fn) else 1.0,
+            )
+            tol = 100.0 * _compute_eps(dtype) * max(1.0, norm)
+        else:
+            tol = atol
+        if not error <= tol:
+            raise AssertionError(
+                f"scores are not relative: shifting positions by {s.tolist()} changed them by "
+                f"{error:.3e} (relative to the largest score), tolerance {tol:.3e}."
+            )
+
+
+def _permute(x: Tensor, order: Tensor, dim: int) -> Tensor:
+    return x.index_select(dim, order)
+
+
+def permutation_equivariance_error(
+    module: Callable[..., Tensor],
+    x: Tensor,
+    positions: Tensor,
+    *,
+    num_prefix_tokens: int = 0,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """``(equivariance_error, position_effect)`` of ``module(x, positions)``.
+
+    ``equivariance_error``: ``max |f(P x, P p) - P f(x, p)| / max |f(x, p)|`` for a seeded
+    permutation ``P`` of the non-prefix tokens (tokens move with their positions).
+    ``position_effect``: the same norm of ``f(x, P p) - f(x, p)`` (positions move alone), which
+    is 0 for a module that ignores its positions.
+
+    Shape:
+        x ``(b, num_prefix_tokens + n, ...)``; positions ``(n, a)`` or ``(b, n, a)``
+    """
+    p = num_prefix_tokens
+    n = x.shape[1] - p
+    if n != positions.shape[-2]:
+        raise ValueError(
+            f"x has {x.shape[1]} tokens, {p} of them prefix, so positions need {n} rows; "
+            f"got positions of shape {tuple(positions.shape)}."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen)
+    if n > 1 and bool((perm == torch.arange(n)).all()):
+        perm = perm.roll(1)
+    perm = perm.to(x.device)
+    full = torch.cat((torch.arange(p, device=x.device), perm + p))
+    pos_dim = positions.dim() - 2
+    with torch.no_grad():
+        out = module(x, positions)
+        moved = module(_permute(x, full, 1), _permute(positions, perm, pos_dim))
+        positions_only = module(x, _permute(positions, perm, pos_dim))
+    scale = out.double().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    equivariance = float((moved.double() - _permute(out, full, 1).double()).abs().max() / scale)
+    effect = float((positions_only.double() - out.double()).abs().max() / scale)
+    return equivariance, effect
+
+
+def assert_permutation_equivariant(
+    module: Callable[..., Tensor],
+    x: Tensor,
+    positions: Tensor,
+    *,
+    num_prefix_tokens: int = 0,
+    atol: Optional[float] = None,
+    require_position_effect: bool = True,
+    seed: int = 0,
+) -> None:
+    """Assert ``module(P x, P p) == P module(x, p)`` for a permutation ``P`` of the tokens
+    after the first ``num_prefix_tokens`` (which stay in place), and, unless
+    ``require_position_effect=False``, that moving the positions alone changes the output (so
+    the check is not passed vacuously by a module that ignores positions).
+
+    Works on ``RotaryAttention``, whole blocks, and any module called as ``module(x, positions)``.
+    Default ``atol``: ``1000 * eps(x.dtype)`` relative to the largest output (float32 sums over
+    tokens in another order are not bit-identical).
+    """
+    equivariance, effect = permutation_equivariance_error(
+        module, x, positions, num_prefix_tokens=num_prefix_tokens, seed=seed
+    )
+    tol = 1000.0 * torch.finfo(x.dtype).eps if atol is None else atol
+    if not equivariance <= tol:
+        raise AssertionError(
+            f"module is not permutation-equivariant: moving tokens with their positions changed "
+            f"the output by {equivariance:.3e} (relative), tolerance {tol:.3e}."
+        )
+    if require_position_effect and not effect > tol:
+        raise AssertionError(
+            f"module output does not depend on positions: moving positions alone changed it by "
+            f"{effect:.3e} (relative), not above the tolerance {tol:.3e}. Pass "
+            f"require_position_effect=False if the module is meant to ignore positions."
+        )
