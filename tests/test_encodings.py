@@ -56,8 +56,12 @@ def test_liere_matches_dense_matrix_exponential(block_size, num_axes):
     rot = dense_reference(enc, positions)  # h n d d
     norm = enc.generator_norm(positions)
     tol = 10 * 16 * torch.finfo(torch.float32).eps * max(1.0, norm) * q.abs().max().item()
-    torch.testing.assert_close(q_out.double(), torch.einsum("hnde,bhne->bhnd", rot, q.double()), atol=tol, rtol=0)
-    torch.testing.assert_close(k_out.double(), torch.einsum("hnde,bhne->bhnd", rot, k.double()), atol=tol, rtol=0)
+    torch.testing.assert_close(
+        q_out.double(), torch.einsum("hnde,bhne->bhnd", rot, q.double()), atol=tol, rtol=0
+    )
+    torch.testing.assert_close(
+        k_out.double(), torch.einsum("hnde,bhne->bhnd", rot, k.double()), atol=tol, rtol=0
+    )
 
 
 def test_rotation_matrices_match_reference():
@@ -137,8 +141,17 @@ def test_identity_at_position_zero(encoding_name):
 
 @pytest.mark.parametrize(
     "name, num_axes",
-    [("liere8", 1), ("liere-dense", 1), ("liere2", 2), ("liere2", 3), ("axial", 1),
-     ("axial", 2), ("axial", 3), ("mixed", 2), ("mixed", 3)],
+    [
+        ("liere8", 1),
+        ("liere-dense", 1),
+        ("liere2", 2),
+        ("liere2", 3),
+        ("axial", 1),
+        ("axial", 2),
+        ("axial", 3),
+        ("mixed", 2),
+        ("mixed", 3),
+    ],
 )
 def test_scores_depend_only_on_relative_position(name, num_axes):
     enc = make(name, d=16, a=num_axes, h=2).double()
@@ -203,7 +216,10 @@ def test_axial_rope_1d_is_standard_rope():
     angles = positions.double() * freqs  # n k
     x = q.double().unflatten(-1, (4, 2))
     expected = torch.stack(
-        (x[..., 0] * angles.cos() - x[..., 1] * angles.sin(), x[..., 0] * angles.sin() + x[..., 1] * angles.cos()),
+        (
+            x[..., 0] * angles.cos() - x[..., 1] * angles.sin(),
+            x[..., 0] * angles.sin() + x[..., 1] * angles.cos(),
+        ),
         -1,
     ).flatten(-2)
     torch.testing.assert_close(out.double(), expected, atol=1e-6, rtol=0)
@@ -293,7 +309,9 @@ def test_module_cast_to_bfloat16_still_rotates_in_float32():
     enc = LieRE(16, 2, block_size=8).to(torch.bfloat16)
     q = randn(1, 1, 4, 16, seed=0, dtype=torch.bfloat16)
     q_out, _ = enc(q, q, grid_positions(2, 2))
-    torch.testing.assert_close(q_out.float().norm(dim=-1), q.float().norm(dim=-1), rtol=2e-2, atol=0)
+    torch.testing.assert_close(
+        q_out.float().norm(dim=-1), q.float().norm(dim=-1), rtol=2e-2, atol=0
+    )
 
 
 def test_correct_under_autocast(encoding_name):
@@ -328,7 +346,9 @@ def test_gradcheck_float64(name):
         with torch.no_grad():
             for p, v in zip(params, flat):
                 p.copy_(v)
-        return torch.func.functional_call(enc, dict(zip([n for n, _ in enc.named_parameters()], flat)), (q, k, positions))
+        return torch.func.functional_call(
+            enc, dict(zip([n for n, _ in enc.named_parameters()], flat)), (q, k, positions)
+        )
 
     inputs = (q, k, positions, *[p.detach().clone().requires_grad_(True) for p in params])
     assert torch.autograd.gradcheck(fn, inputs)
@@ -350,7 +370,9 @@ def test_parameters_receive_gradients(encoding_name):
 
 
 def test_constructor_errors():
-    with pytest.raises(ValueError, match="block_size must divide head_dim; got block_size=6 for head_dim=16"):
+    with pytest.raises(
+        ValueError, match="block_size must divide head_dim; got block_size=6 for head_dim=16"
+    ):
         LieRE(16, block_size=6)
     with pytest.raises(ValueError, match="block_size must be an integer >= 2"):
         LieRE(16, block_size=1)
@@ -377,11 +399,16 @@ def test_forward_errors(encoding_name):
     name = type(enc).__name__
     q = randn(2, 2, 4, 16, seed=0)
     pos = grid_positions(2, 2)
-    with pytest.raises(ValueError, match=rf"{name}: q must have shape \(batch, heads, tokens, 16\); got \(2, 2, 4, 8\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{name}: q must have shape \(batch, heads, tokens, 16\); got \(2, 2, 4, 8\)",
+    ):
         enc(q[..., :8], q, pos)
     with pytest.raises(ValueError, match=r"k must have shape"):
         enc(q, q[0], pos)
-    with pytest.raises(ValueError, match=r"positions must have shape \(tokens, num_axes\) = \(4, 2\).*got \(4, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"positions must have shape \(tokens, num_axes\) = \(4, 2\).*got \(4, 3\)"
+    ):
         enc(q, q, torch.zeros(4, 3))
     with pytest.raises(ValueError, match=r"got \(3, 2\)"):
         enc(q, q, torch.zeros(3, 2))

@@ -45,9 +45,7 @@ def test_one_by_one_blocks():
 
 def test_closed_form_2x2_matches_matrix_exp():
     gen = random_skew(50, 2, 7.0)
-    torch.testing.assert_close(
-        F.expm_skew(gen), torch.linalg.matrix_exp(gen), atol=1e-13, rtol=0
-    )
+    torch.testing.assert_close(F.expm_skew(gen), torch.linalg.matrix_exp(gen), atol=1e-13, rtol=0)
 
 
 # 1-norms from tiny to 4x beyond what dense LieRE reaches at the paper's init on [0, 1]^2
@@ -155,7 +153,9 @@ def test_apply_rope_is_pairwise_rotation():
     out = F.apply_rope(x, theta.cos(), theta.sin())
     for j, t in enumerate(theta.tolist()):
         rot = torch.tensor([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
-        torch.testing.assert_close(out[0, 0, 0, 2 * j : 2 * j + 2], rot @ x[0, 0, 0, 2 * j : 2 * j + 2])
+        torch.testing.assert_close(
+            out[0, 0, 0, 2 * j : 2 * j + 2], rot @ x[0, 0, 0, 2 * j : 2 * j + 2]
+        )
 
 
 def test_compute_dtype():

@@ -1,6 +1,6 @@
 """liere: LieRE and rotary position encodings as drop-in PyTorch modules.
 
-    q, k = encoding(q, k, positions)   # q, k: (b, h, n, d); positions: (n, a) or (b, n, a)
+q, k = encoding(q, k, positions)   # q, k: (b, h, n, d); positions: (n, a) or (b, n, a)
 """
 
 from . import functional

@@ -75,9 +75,8 @@ class RotaryAttention(nn.Module):
         self.head_dim = head_dim
         self.num_prefix_tokens = num_prefix_tokens
         self.attn_drop = float(attn_drop)
-        factory = {"device": device, "dtype": dtype}
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
-        self.proj = nn.Linear(dim, dim, **factory)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, device=device, dtype=dtype)
+        self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
         self.proj_drop = nn.Dropout(proj_drop)
         self.pos_enc = pos_enc
 
@@ -88,7 +87,9 @@ class RotaryAttention(nn.Module):
             raise ValueError(
                 f"x must have shape (batch, tokens, {self.dim}); got {tuple(x.shape)}."
             )
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        q, k, v = rearrange(
+            self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads
+        )
         if self.pos_enc is not None:
             if positions is None:
                 raise ValueError(

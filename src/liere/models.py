@@ -24,23 +24,25 @@ POS_ENCODINGS = ("none", "absolute", "rope-axial", "rope-mixed", "liere")
 
 
 def make_pos_enc(
-    name: str,
-    head_dim: int,
-    num_axes: int,
-    num_heads: int,
-    *,
-    block_size: int = 8,
-    **kwargs: Any,
+    name: str, head_dim: int, num_axes: int, **kwargs: Any
 ) -> Optional[RotaryEncoding]:
-    """The rotary encoding one attention layer uses for ``name`` (None for none/absolute)."""
+    """The rotary encoding one attention layer uses for ``name`` (None for none/absolute).
+
+    ``kwargs`` go to the encoding's constructor; ``num_heads`` and ``block_size`` are dropped
+    where the encoding has no such option (AxialRoPE is shared by all heads; only LieRE has
+    blocks).
+    """
     if name in ("none", "absolute"):
         return None
     if name == "rope-axial":
+        kwargs.pop("num_heads", None)
+        kwargs.pop("block_size", None)
         return AxialRoPE(head_dim, num_axes, **kwargs)
     if name == "rope-mixed":
-        return MixedRoPE(head_dim, num_axes, num_heads=num_heads, **kwargs)
+        kwargs.pop("block_size", None)
+        return MixedRoPE(head_dim, num_axes, **kwargs)
     if name == "liere":
-        return LieRE(head_dim, num_axes, num_heads=num_heads, block_size=block_size, **kwargs)
+        return LieRE(head_dim, num_axes, **kwargs)
     raise ValueError(f"pos_enc must be one of {POS_ENCODINGS}; got {name!r}.")
 
 
@@ -97,7 +99,7 @@ class Block(nn.Module):
 def _tuple(value: Union[int, Sequence[int]], name: str) -> tuple[int, ...]:
     if isinstance(value, int) and not isinstance(value, bool):
         return (value, value)
-    values = tuple(value)
+    values = tuple(value)  # type: ignore[arg-type]
     if len(values) not in (2, 3) or any(
         isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values
     ):
@@ -159,9 +161,7 @@ class VisionTransformer(nn.Module):
         else:
             patch = _tuple(patch_size, "patch_size")
         if len(patch) != len(image):
-            raise ValueError(
-                f"patch_size {patch} must have as many axes as image_size {image}."
-            )
+            raise ValueError(f"patch_size {patch} must have as many axes as image_size {image}.")
         if any(i % p for i, p in zip(image, patch)):
             raise ValueError(f"image_size {image} must be divisible by patch_size {patch}.")
         if dim % num_heads:
@@ -178,21 +178,19 @@ class VisionTransformer(nn.Module):
         head_dim = dim // num_heads
 
         conv = nn.Conv2d if self.num_axes == 2 else nn.Conv3d
-        self.patch_embed = conv(in_channels, dim, kernel_size=patch, stride=patch)
+        self.patch_embed = conv(in_channels, dim, kernel_size=patch, stride=patch)  # type: ignore[arg-type]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed: Optional[nn.Parameter] = None
         if pos_enc == "absolute":
             self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.grid_size), dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        kwargs = dict(pos_enc_kwargs or {})
+        kwargs = {"num_heads": num_heads, "block_size": block_size, **(pos_enc_kwargs or {})}
         self.blocks = nn.ModuleList(
             Block(
                 dim,
                 num_heads,
                 mlp_ratio=mlp_ratio,
-                pos_enc=make_pos_enc(
-                    pos_enc, head_dim, self.num_axes, num_heads, block_size=block_size, **kwargs
-                ),
+                pos_enc=make_pos_enc(pos_enc, head_dim, self.num_axes, **kwargs),
                 num_prefix_tokens=self.num_prefix_tokens,
                 qkv_bias=qkv_bias,
                 drop=drop_rate,
@@ -233,9 +231,7 @@ class VisionTransformer(nn.Module):
             )
         return tuple(s // p for s, p in zip(spatial, self.patch_size))
 
-    def positions_for(
-        self, grid: Sequence[int], device: Optional[torch.device] = None
-    ) -> Tensor:
+    def positions_for(self, grid: Sequence[int], device: Optional[torch.device] = None) -> Tensor:
         """Token coordinates for a patch grid, with the training grid as reference.
 
         Shape:

@@ -59,7 +59,9 @@ def grid_positions(
         token of ``x.flatten(2)`` for an ``x`` of shape ``(B, C, *sizes)`` (last axis fastest).
     """
     if len(sizes) == 0:
-        raise ValueError("grid_positions needs at least one axis size, e.g. grid_positions(14, 14).")
+        raise ValueError(
+            "grid_positions needs at least one axis size, e.g. grid_positions(14, 14)."
+        )
     if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
         sizes = tuple(sizes[0])
     grid = _as_sizes(sizes, "sizes")
@@ -68,7 +70,7 @@ def grid_positions(
     elif isinstance(reference, int) and not isinstance(reference, bool):
         ref = _as_sizes([reference] * len(grid), "reference")
     else:
-        ref = _as_sizes(tuple(reference), "reference")
+        ref = _as_sizes(tuple(reference), "reference")  # type: ignore[arg-type]
         if len(ref) != len(grid):
             raise ValueError(
                 f"reference must give one size per axis ({len(grid)} axes for sizes {grid}); "

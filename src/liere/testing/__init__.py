@@ -27,6 +27,8 @@ __all__ = [
     "assert_orthogonal",
     "relative_position_error",
     "assert_relative",
+    "axis_sensitivity",
+    "assert_uses_all_axes",
     "permutation_equivariance_error",
     "assert_permutation_equivariant",
 ]
@@ -189,6 +191,50 @@ def assert_relative(
             )
 
 
+def axis_sensitivity(
+    encoding: Any, positions: Tensor, *, dtype: torch.dtype = torch.float64, seed: int = 0
+) -> list[float]:
+    """For each axis, how much scores change when only that axis's coordinates are jittered
+    (seeded noise of unit scale, different per token), relative to the largest score.
+
+    An axis the encoding ignores gives 0.
+
+    Shape:
+        positions ``(n, a)`` -> a list of ``a`` floats
+    """
+    q, k = _random_qk(encoding, positions, 2, dtype, seed)
+    gen = torch.Generator().manual_seed(seed + 2)
+    noise = torch.randn(positions.shape, generator=gen, dtype=torch.float64)
+    noise = noise.to(dtype=positions.dtype, device=positions.device)
+    before = _scores(encoding, q, k, positions)
+    out = []
+    for axis in range(positions.shape[-1]):
+        moved = positions.clone()
+        moved[..., axis] += noise[..., axis]
+        after = _scores(encoding, q, k, moved)
+        out.append(float((after - before).abs().max() / before.abs().max()))
+    return out
+
+
+def assert_uses_all_axes(
+    encoding: Any,
+    positions: Tensor,
+    *,
+    min_effect: float = 1e-3,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> None:
+    """Assert that every coordinate axis changes the attention scores (``axis_sensitivity``
+    above ``min_effect`` for each axis), catching encodings that silently drop an axis."""
+    effects = axis_sensitivity(encoding, positions, dtype=dtype, seed=seed)
+    for axis, effect in enumerate(effects):
+        if not effect > min_effect:
+            raise AssertionError(
+                f"axis {axis} does not affect the scores: jittering it changed them by "
+                f"{effect:.3e} (relative), not above min_effect {min_effect:.3e}."
+            )
+
+
 def _permute(x: Tensor, order: Tensor, dim: int) -> Tensor:
     return x.index_select(dim, order)
 
@@ -252,7 +298,8 @@ def assert_permutation_equivariant(
 
     Works on ``RotaryAttention``, whole blocks, and any module called as ``module(x, positions)``.
     Default ``atol``: ``1000 * eps(x.dtype)`` relative to the largest output (float32 sums over
-    tokens in another order are not bit-identical).
+    tokens in another order are not bit-identical). The position effect must exceed
+    ``max(10 * equivariance_error, 10 * eps(x.dtype))``.
     """
     equivariance, effect = permutation_equivariance_error(
         module, x, positions, num_prefix_tokens=num_prefix_tokens, seed=seed
@@ -263,9 +310,12 @@ def assert_permutation_equivariant(
             f"module is not permutation-equivariant: moving tokens with their positions changed "
             f"the output by {equivariance:.3e} (relative), tolerance {tol:.3e}."
         )
-    if require_position_effect and not effect > tol:
+    # The measured equivariance error is the noise floor a real position effect must clear.
+    floor = max(10.0 * equivariance, 10.0 * torch.finfo(x.dtype).eps)
+    if require_position_effect and not effect > floor:
         raise AssertionError(
             f"module output does not depend on positions: moving positions alone changed it by "
-            f"{effect:.3e} (relative), not above the tolerance {tol:.3e}. Pass "
+            f"{effect:.3e} (relative), not above the noise floor {floor:.3e} "
+            f"(10x the equivariance error, at least 10 eps). Pass "
             f"require_position_effect=False if the module is meant to ignore positions."
         )

@@ -50,9 +50,7 @@ def positions(
 
 
 @st.composite
-def head_dims_and_block_sizes(
-    draw: st.DrawFn, max_head_dim: int = 32
-) -> tuple[int, int]:
+def head_dims_and_block_sizes(draw: st.DrawFn, max_head_dim: int = 32) -> tuple[int, int]:
     """``(head_dim, block_size)`` with an even head_dim and a block size >= 2 dividing it."""
     head_dim = 2 * draw(st.integers(1, max_head_dim // 2))
     block = draw(st.sampled_from([s for s in range(2, head_dim + 1) if head_dim % s == 0]))
