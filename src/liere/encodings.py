@@ -37,6 +37,17 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
+def _is_tracing() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    for name in ("is_compiling", "is_exporting"):
+        if compiler is not None and hasattr(compiler, name) and getattr(compiler, name)():
+            return True
+    if torch.jit.is_tracing():
+        return True
+    onnx = getattr(torch, "onnx", None)
+    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
+
+
 def _check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
@@ -72,16 +83,123 @@ class RotaryEncoding(nn.Module):
         self.head_dim = _check_positive_int(head_dim, "head_dim")
         self.num_axes = _check_positive_int(num_axes, "num_axes")
         self.num_heads = _check_positive_int(num_heads, "num_heads")
+        # Note [rotation cache]: in eval mode without autograd, the last rotations are reused
+        # while positions (by value), parameters (identity and version counter), device and
+        # dtype are unchanged; train(), .to()/.cuda()/.half() and load_state_dict() drop it.
+        self.cache_rotations = True
+        self._cache: Optional[tuple[tuple[Any, ...], Tensor, Rotation]] = None
+        self._frozen: Optional[tuple[Tensor, Rotation]] = None
+        self._frozen_dtype = torch.float32
 
     # -- protocol ---------------------------------------------------------------------------
     def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         positions = self._check_inputs(q, k, positions)
         dtype = F.compute_dtype(q.dtype, k.dtype)
         with _no_autocast(q.device.type):
-            rotation = self._rotations(positions.to(dtype))
-            q_out = self._rotate(q.to(dtype), rotation).to(q.dtype)
-            k_out = self._rotate(k.to(dtype), rotation).to(k.dtype)
-        return q_out, k_out
+            rotation = self._rotations_for(positions, dtype)
+            q_out, k_out = self._rotate_pair(q.to(dtype), k.to(dtype), rotation)
+        return q_out.to(q.dtype), k_out.to(k.dtype)
+
+    # -- caching and freezing ---------------------------------------------------------------
+    def _rotations_for(self, positions: Tensor, dtype: torch.dtype) -> Rotation:
+        frozen = self._frozen
+        if frozen is not None and self._matches_frozen(frozen[0], positions, dtype):
+            return frozen[1]
+        use_cache = (
+            self.cache_rotations
+            and not self.training
+            and not _is_tracing()
+            and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+        )
+        if not use_cache:
+            return self._rotations(positions.to(dtype))
+        key = self._cache_key(positions, dtype)
+        cached = self._cache
+        if (
+            cached is not None
+            and cached[0] == key
+            and torch.equal(cached[1], positions.to(cached[1].dtype))
+        ):
+            return cached[2]
+        rotation = self._rotations(positions.to(dtype))
+        self._cache = (key, positions.detach().clone(), rotation)
+        return rotation
+
+    def _cache_key(self, positions: Tensor, dtype: torch.dtype) -> tuple[Any, ...]:
+        params = tuple(
+            (id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters()
+        )
+        return (params, tuple(positions.shape), positions.dtype, positions.device, dtype)
+
+    def _matches_frozen(self, frozen_positions: Tensor, positions: Tensor, dtype: torch.dtype) -> bool:
+        if frozen_positions.shape != positions.shape:
+            return False
+        if _is_tracing():
+            return True  # export: the frozen grid is the contract (checked when frozen)
+        same = torch.equal(frozen_positions, positions.to(frozen_positions.dtype))
+        return same and self._frozen_dtype == dtype
+
+    @torch.no_grad()
+    def freeze(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> "RotaryEncoding":
+        """Precompute the rotations for fixed ``positions`` (inference and export).
+
+        Later calls with these positions (same values) use the stored rotations: no
+        exponential runs, and ``torch.export`` / ONNX export see constants (there is no ONNX
+        operator for the matrix exponential). Calls with other positions compute as usual.
+        The rotations are a snapshot: call ``freeze`` again after changing parameters, or
+        ``unfreeze()``. While tracing for export, positions are matched by shape only.
+
+        Shape:
+            positions ``(n, a)``
+        """
+        if positions.dim() != 2 or positions.shape[-1] != self.num_axes:
+            raise ValueError(
+                f"freeze takes shared positions of shape (tokens, {self.num_axes}); "
+                f"got {tuple(positions.shape)}."
+            )
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"freeze computes in float32 or float64; got {dtype}.")
+        positions = positions.detach().to(dtype)
+        self._frozen = (positions.clone(), self._rotations(positions))
+        self._frozen_dtype = dtype
+        return self
+
+    def unfreeze(self) -> "RotaryEncoding":
+        """Drop rotations stored by ``freeze``."""
+        self._frozen = None
+        return self
+
+    @property
+    def is_frozen(self) -> bool:
+        return self._frozen is not None
+
+    def clear_cache(self) -> None:
+        """Drop the eval-mode rotation cache (Note [rotation cache])."""
+        self._cache = None
+
+    def train(self, mode: bool = True) -> "RotaryEncoding":
+        self._cache = None
+        return super().train(mode)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "RotaryEncoding":
+        self._cache = None
+        out = super()._apply(fn, *args, **kwargs)
+        frozen = self._frozen
+        if frozen is not None:
+            # follow device moves only: frozen rotations keep the precision they were built in
+            device = fn(torch.zeros(1, device=frozen[0].device)).device
+            positions, rotation = frozen
+            moved: Rotation
+            if isinstance(rotation, tuple):
+                moved = (rotation[0].to(device), rotation[1].to(device))
+            else:
+                moved = rotation.to(device)
+            self._frozen = (positions.to(device), moved)
+        return out
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._cache = None
+        super()._load_from_state_dict(*args, **kwargs)
 
     def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
         """Rotate a single tensor (e.g. keys of a cache) exactly as ``forward`` rotates q.
@@ -135,6 +253,9 @@ class RotaryEncoding(nn.Module):
 
     def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _rotate_pair(self, q: Tensor, k: Tensor, rotation: Rotation) -> tuple[Tensor, Tensor]:
+        return self._rotate(q, rotation), self._rotate(k, rotation)
 
     # -- validation -------------------------------------------------------------------------
     def _check_inputs(self, q: Tensor, k: Tensor, positions: Tensor) -> Tensor:
@@ -394,6 +515,8 @@ class LieRE(RotaryEncoding):
             raise ValueError(f"init must be 'uniform', 'normal' or 'zeros'; got {init!r}.")
         self.block_size = block_size
         self.num_blocks = head_dim // block_size
+        # "auto" (fast path) or "matrix_exp" (torch.linalg.matrix_exp, the reference path)
+        self.exp_method = "auto"
         self.init = init
         self.init_scale = float(init_scale)
         entries = block_size * (block_size - 1) // 2
@@ -444,12 +567,17 @@ class LieRE(RotaryEncoding):
             angles = F.rope_angles(positions, -weight[..., 0])
             return torch.cos(angles), torch.sin(angles)
         bases = F.skew_symmetric(weight, self.block_size)
-        return F.expm_skew(F.block_generators(positions, bases))
+        return F.lie_rotations(positions, bases, method=self.exp_method)
 
     def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:
         if isinstance(rotation, tuple):
             return F.apply_rope(x, *rotation)
         return F.apply_blockwise(x, rotation)
+
+    def _rotate_pair(self, q: Tensor, k: Tensor, rotation: Rotation) -> tuple[Tensor, Tensor]:
+        if isinstance(rotation, tuple):
+            return F.apply_rope(q, *rotation), F.apply_rope(k, *rotation)
+        return F.apply_blockwise_pair(q, k, rotation)
 
     def extra_repr(self) -> str:
         return (

@@ -20,7 +20,10 @@ __all__ = [
     "block_generators",
     "expm_skew",
     "expm_skew_reference",
+    "lie_rotations",
+    "squarings_for",
     "apply_blockwise",
+    "apply_blockwise_pair",
     "rope_angles",
     "apply_rope",
     "compute_dtype",
@@ -29,15 +32,17 @@ __all__ = [
 # Note [Taylor scaling and squaring]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 # exp(G) = exp(G / 2^j)^(2^j). We pick one j for the whole batch so that the scaled
-# generators have 1-norm <= 1, evaluate a truncated Taylor series with Paterson-Stockmeyer
-# (few matrix products for a high degree) and square j times. With ||X||_1 <= 1 the
-# truncation error is below 1/(degree+1)!: degree 11 -> 2e-9 (float32 unit roundoff is 6e-8),
-# degree 19 -> 4e-19 (float64: 1.1e-16). Each squaring at most doubles the error already
-# there, so the final error grows like ||G|| * eps: this is why the orthogonality tolerance in
-# the tests carries a max(1, ||A||) factor. One j for all matrices (instead of torch.matrix_exp's
-# per-matrix choice) keeps the batch in a handful of large batched GEMMs, and autograd through
-# the products costs about twice the forward (matrix_exp's backward costs about 8x).
-_TAYLOR = {torch.float32: (4, 3), torch.float64: (5, 4)}  # (k powers, chunks): degree k*c-1
+# generators have norm <= theta, evaluate a truncated Taylor series with Paterson-Stockmeyer
+# (few matrix products for a high degree) and square j times. With ||X|| <= theta the
+# truncation error is below theta^(deg+1)/(deg+1)!: float32 uses degree 11 with theta = 1.3
+# (4e-8, under the unit roundoff 6e-8), float64 degree 19 with theta = 1 (4e-19 < 1.1e-16).
+# Each squaring at most doubles the error already there, so the final error grows like
+# ||G|| * eps: this is why the orthogonality tolerance carries a max(1, ||A||) factor.
+# One j for all matrices (instead of torch.matrix_exp's per-matrix choice) keeps the batch in a
+# handful of large batched GEMMs, and autograd through the products costs about twice the
+# forward (matrix_exp's backward costs about 8x).
+# (k powers, chunks, theta): degree k * chunks - 1
+_TAYLOR = {torch.float32: (4, 3, 1.3), torch.float64: (5, 4, 1.0)}
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -78,36 +83,52 @@ def block_generators(positions: Tensor, bases: Tensor) -> Tensor:
     return gen.unflatten(-1, (m, s, s))
 
 
-def _scaled_taylor_expm(gen: Tensor, squarings: int) -> Tensor:
-    powers_needed, chunks = _TAYLOR[gen.dtype]
-    x = gen * (2.0**-squarings) if squarings else gen
-    eye = torch.eye(gen.shape[-1], dtype=gen.dtype, device=gen.device)
+def _taylor_expm_squared(x: Tensor, squarings: int) -> Tensor:
+    """``T(X)^(2^squarings)`` with ``T`` the truncated Taylor series of exp; ``X`` already scaled.
+
+    Shape:
+        ``(N, s, s)`` -> ``(N, s, s)``
+    """
+    k, chunks, _ = _TAYLOR[x.dtype]
     powers = [x]
-    for _ in range(powers_needed - 1):
-        powers.append(torch.matmul(powers[-1], x))
-    # Horner in X^k over chunks of k coefficients: sum_c (sum_i x^i / (ck+i)!) X^(kc)
-    top = powers[-1]
+    for _ in range(k - 1):
+        powers.append(torch.bmm(powers[-1], x))
+    # Paterson-Stockmeyer: exp(X) ~ sum_c B_c X^(kc) with B_c = sum_{i<k} X^i / (ck+i)!,
+    # evaluated by Horner in X^k. B_c is built with in-place scaled adds (one memory pass per
+    # term) and each Horner step is one fused baddbmm: at small blocks and on CPUs with little
+    # memory bandwidth these passes cost as much as the products.
     result: Optional[Tensor] = None
     for c in reversed(range(chunks)):
-        first = c * powers_needed
-        block = eye / math.factorial(first)
-        for i in range(1, powers_needed):
-            block = block + powers[i - 1] / math.factorial(first + i)
-        result = block if result is None else block + torch.matmul(result, top)
+        first = c * k
+        block = powers[0] * (1.0 / math.factorial(first + 1))
+        for i in range(2, k):
+            block.add_(powers[i - 1], alpha=1.0 / math.factorial(first + i))
+        block.diagonal(dim1=-2, dim2=-1).add_(1.0 / math.factorial(first))
+        result = block if result is None else torch.baddbmm(block, result, powers[-1])
     assert result is not None
     for _ in range(squarings):
-        result = torch.matmul(result, result)
+        result = torch.bmm(result, result)
     return result
 
 
-def _squarings_for(gen: Tensor) -> int:
-    norm = float(gen.detach().abs().sum(dim=-2).amax()) if gen.numel() else 0.0
-    if not math.isfinite(norm):
+def squarings_for(norm_bound: float, dtype: torch.dtype = torch.float32) -> int:
+    """Squarings ``j`` so that a generator of norm <= ``norm_bound`` scaled by ``2^-j`` is
+    within the Taylor series' accurate range for ``dtype`` (Note [Taylor scaling and
+    squaring]); raises on NaN/Inf."""
+    if not math.isfinite(norm_bound):
         raise ValueError(
             "the generators contain NaN or Inf (from non-finite positions or parameters); "
             "cannot exponentiate them."
         )
-    return max(0, math.ceil(math.log2(norm))) if norm > 1.0 else 0
+    theta = _TAYLOR[dtype][2]
+    return max(0, math.ceil(math.log2(norm_bound / theta))) if norm_bound > theta else 0
+
+
+def _squarings_for(gen: Tensor) -> int:
+    # ||G||_2 <= ||G||_1 (= ||G||_inf for skew-symmetric G); the Taylor bound holds in any
+    # submultiplicative norm.
+    norm = float(gen.detach().abs().sum(dim=-2).amax()) if gen.numel() else 0.0
+    return squarings_for(norm, gen.dtype)
 
 
 def expm_skew(gen: Tensor, *, method: str = "auto") -> Tensor:
@@ -146,7 +167,38 @@ def expm_skew(gen: Tensor, *, method: str = "auto") -> Tensor:
         t = gen[..., 0, 1]
         c, s = torch.cos(t), torch.sin(t)
         return torch.stack((torch.stack((c, s), -1), torch.stack((-s, c), -1)), -2)
-    return _scaled_taylor_expm(gen, _squarings_for(gen))
+    squarings = _squarings_for(gen)
+    size = gen.shape[-1]
+    x = gen.reshape(-1, size, size)
+    return _taylor_expm_squared(x * (2.0**-squarings), squarings).reshape(gen.shape)
+
+
+def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> Tensor:
+    """``R[.., h, n, m] = exp(sum_a p[.., n, a] B[h, a, m])`` for every token and block.
+
+    The fast path never materialises an unscaled generator: the number of squarings ``j``
+    comes from the bound ``||sum_a p_a B_a||_2 <= sum_a |p_a| ||B_a||_2`` (exact spectral norms
+    of the few basis blocks; tight for skew-symmetric, hence normal, matrices), ``2^-j`` is
+    folded into the bases before the single GEMM, then the Taylor series and ``j`` squarings
+    follow (Note [Taylor scaling and squaring]). ``method`` as in ``expm_skew``.
+
+    Shape:
+        positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)`` (skew-symmetric)
+        -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``
+    """
+    size = bases.shape[-1]
+    if method != "auto" or size <= 2 or _is_compiling():
+        return expm_skew(block_generators(positions, bases), method=method)
+    if bases.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"lie_rotations computes in float32 or float64; got {bases.dtype}.")
+    with torch.no_grad():
+        sigma = torch.linalg.matrix_norm(bases.detach(), ord=2)  # (h, a, m)
+        bound = torch.matmul(positions.detach().abs().unsqueeze(-3), sigma)  # (.., h, n, m)
+        norm = float(bound.amax()) if bound.numel() else 0.0
+    squarings = squarings_for(norm, bases.dtype)
+    gen = block_generators(positions, bases * (2.0**-squarings) if squarings else bases)
+    out = _taylor_expm_squared(gen.reshape(-1, size, size), squarings)
+    return out.reshape(gen.shape)
 
 
 def expm_skew_reference(gen: Tensor) -> Tensor:
@@ -191,6 +243,41 @@ def apply_blockwise(x: Tensor, rotations: Tensor) -> Tensor:
     else:
         out = torch.einsum("bhnmij,bhnmj->bhnmi", rotations, xb)
     return out.flatten(-2)
+
+
+def apply_blockwise_pair(q: Tensor, k: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor]:
+    """``apply_blockwise`` to q and k with one batched product (their columns side by side).
+
+    With rotations shared by the batch, the GEMM is ``(s, s) @ (s, 2b)`` per (head, token,
+    block), or ``(s, s) @ (s, 2bh)`` when one rotation serves every head.
+
+    Shape:
+        q, k ``(b, h, n, d)`` (same shape and dtype); rotations as in ``apply_blockwise``
+        -> ``(b, h, n, d)`` each
+    """
+    if q.shape != k.shape or q.dtype != k.dtype:
+        return apply_blockwise(q, rotations), apply_blockwise(k, rotations)
+    b, h, n, d = q.shape
+    m, s = rotations.shape[-3], rotations.shape[-1]
+    if rotations.dim() == 6:
+        # per sample: (b, h', n, m, s, s) @ (b, h, n, m, s, 2)
+        x = torch.stack((q.unflatten(-1, (m, s)), k.unflatten(-1, (m, s))), dim=-1)
+        out = torch.matmul(rotations, x)
+        return out[..., 0].flatten(-2), out[..., 1].flatten(-2)
+    if rotations.shape[0] == 1:
+        # one rotation for every head: columns are (q|k, batch, head)
+        xq = q.unflatten(-1, (m, s)).permute(2, 3, 4, 0, 1)  # n m s b h
+        xk = k.unflatten(-1, (m, s)).permute(2, 3, 4, 0, 1)
+        x = torch.stack((xq, xk), dim=3).reshape(n * m, s, 2 * b * h)
+        out = torch.bmm(rotations.reshape(n * m, s, s), x).view(n, m, s, 2, b, h)
+        out = out.permute(3, 4, 5, 0, 1, 2)  # 2 b h n m s
+    else:
+        xq = q.unflatten(-1, (m, s)).permute(1, 2, 3, 4, 0)  # h n m s b
+        xk = k.unflatten(-1, (m, s)).permute(1, 2, 3, 4, 0)
+        x = torch.cat((xq, xk), dim=-1).reshape(h * n * m, s, 2 * b)
+        out = torch.bmm(rotations.reshape(h * n * m, s, s), x).view(h, n, m, s, 2, b)
+        out = out.permute(4, 5, 0, 1, 2, 3)  # 2 b h n m s
+    return out[0].reshape(b, h, n, d), out[1].reshape(b, h, n, d)
 
 
 def rope_angles(positions: Tensor, freqs: Tensor) -> Tensor:

@@ -1,0 +1,210 @@
+"""Time one RotaryAttention layer with each encoding, as ratios to AxialRoPE in the same run.
+
+ViT-S/16 shapes by default: 1 CLS + 14x14 patch tokens, dim 384, 6 heads of 64, 2D positions.
+Cases are interleaved (every encoding once per round, rounds repeated) and the median is
+reported, so drifts in machine load hit all cases alike.
+
+    python benchmarks/bench_attention.py --threads 2 --batch 8 32
+
+Memory: ``saved MB`` is what autograd keeps for the backward pass (tensors saved by the
+forward, counted once per storage), ``peak MB`` the CUDA allocator's peak when on a GPU.
+
+Floor (LieRE cases with blocks > 2): the batched products the exponential and the blockwise
+application need (forward; backward costs two per forward product), times the time of one such
+product measured in this run, added to the layer without encoding: the best ratio this
+algorithm can reach on this machine, whatever else is optimised.
+
+Case names: ``liere8`` per-head generators with 8x8 blocks (the paper's LieRE_8), ``liere64``
+dense, ``liere8-shared`` one set shared by all heads (``num_heads=1``, the constructor's
+default), ``-ref`` the torch.matrix_exp reference path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+
+from liere import AxialRoPE, LieRE, MixedRoPE, RotaryAttention, grid_positions
+from liere import functional as F
+
+
+def make_layer(name: str, dim: int, heads: int, axes: int) -> RotaryAttention:
+    head_dim = dim // heads
+    pos_enc: Optional[torch.nn.Module]
+    if name == "none":
+        pos_enc = None
+    elif name == "rope-axial":
+        pos_enc = AxialRoPE(head_dim, axes)
+    elif name == "rope-mixed":
+        pos_enc = MixedRoPE(head_dim, axes, num_heads=heads)
+    elif name.startswith("liere"):
+        # "liere8", "liere64", "liere8-shared", "liere8-ref" (torch.matrix_exp reference path)
+        block = int(name[len("liere") :].split("-")[0])
+        shared = "-shared" in name
+        pos_enc = LieRE(head_dim, axes, num_heads=1 if shared else heads, block_size=block)
+        if name.endswith("-ref"):
+            pos_enc.exp_method = "matrix_exp"
+    else:
+        raise ValueError(f"unknown case {name!r}")
+    return RotaryAttention(dim, heads, pos_enc=pos_enc, num_prefix_tokens=1)
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def median_ms(fn: Callable[[], object], reps: int = 15) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def floor_ms(
+    layer: RotaryAttention, positions: torch.Tensor, batch: int, train: bool
+) -> Optional[float]:
+    """Time of the batched products LieRE's fast path needs (see the module docstring)."""
+    enc = layer.pos_enc
+    if not isinstance(enc, LieRE) or enc.block_size <= 2 or enc.exp_method != "auto":
+        return None
+    k, chunks, _ = F._TAYLOR[torch.float32]
+    with torch.no_grad():
+        bases = enc.bases().float()
+        sigma = torch.linalg.matrix_norm(bases, ord=2)
+        bound = float(torch.matmul(positions.abs().unsqueeze(-3), sigma).amax())
+    products = (k - 1) + (chunks - 1) + F.squarings_for(bound)
+    s, n = enc.block_size, positions.shape[0]
+    count = enc.num_heads * n * enc.num_blocks
+    a = torch.randn(count, s, s, device=positions.device)
+    t_exp = median_ms(lambda: torch.bmm(a, a))
+    heads = layer.num_heads
+    cols = 2 * batch * (heads // enc.num_heads)
+    x = torch.randn(count, s, cols, device=positions.device)
+    t_app = median_ms(lambda: torch.bmm(a, x))
+    factor = 3 if train else 1
+    return factor * (products * t_exp + t_app)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[8, 32])
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=["rope-mixed", "liere2", "liere8", "liere8-shared", "liere64", "liere64-shared"],
+        help="encodings; rope-axial is the baseline; add liere8-ref for torch.matrix_exp",
+    )
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["train", "eval", "eval-cached"],
+        choices=["train", "eval", "eval-cached"],
+    )
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
+    parser.add_argument("--grid", type=int, default=14, help="patches per side")
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    cases = list(dict.fromkeys(["rope-axial", "none", *args.cases]))
+    positions = grid_positions(args.grid, args.grid, device=device)
+    n = args.grid * args.grid + 1
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+        f"tokens {n}, dim {args.dim}, heads {args.heads}, rounds {args.rounds}, seed {args.seed}"
+    )
+    header = (
+        f"{'mode':<12}{'batch':>6}  {'case':<14}{'ms':>9}{'x axial':>9}{'saved MB':>10}"
+        f"{'floor x':>9}"
+    )
+    if device.type == "cuda":
+        header += f"{'peak MB':>9}"
+    print(header)
+    for mode in args.modes:
+        for batch in args.batch:
+            layers = {c: make_layer(c, args.dim, args.heads, 2).to(device) for c in cases}
+            x = torch.randn(batch, n, args.dim, device=device)
+            runs: dict[str, Callable[[], object]] = {}
+            for case, layer in layers.items():
+                if mode == "train":
+                    layer.train()
+
+                    def run(layer: RotaryAttention = layer, x: torch.Tensor = x) -> object:
+                        layer(x, positions).sum().backward()
+                        return None
+                else:
+                    layer.eval()
+                    if layer.pos_enc is not None:
+                        layer.pos_enc.cache_rotations = mode == "eval-cached"
+
+                    def run(layer: RotaryAttention = layer, x: torch.Tensor = x) -> object:
+                        with torch.no_grad():
+                            return layer(x, positions)
+
+                runs[case] = run
+            times: dict[str, list[float]] = {c: [] for c in cases}
+            for _ in range(2):  # warm-up
+                for run in runs.values():
+                    run()
+            for _ in range(args.rounds):
+                for case, run in runs.items():
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    run()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times[case].append(time.perf_counter() - start)
+            base = statistics.median(times["rope-axial"])
+            plain = statistics.median(times["none"])
+            for case in cases:
+                med = statistics.median(times[case])
+                saved = 0.0
+                layer = layers[case]
+                if mode == "train":
+                    saved = saved_bytes(lambda layer=layer, x=x: layer(x, positions)) / 2**20
+                floor = (
+                    None
+                    if mode == "eval-cached"
+                    else floor_ms(layer, positions, batch, mode == "train")
+                )
+                floor_text = "" if floor is None else f"{(plain + floor / 1e3) / base:.2f}"
+                line = (
+                    f"{mode:<12}{batch:>6}  {case:<14}{med * 1e3:>9.1f}{med / base:>9.2f}"
+                    f"{saved:>10.1f}{floor_text:>9}"
+                )
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    runs[case]()
+                    line += f"{torch.cuda.max_memory_allocated() / 2**20:>9.0f}"
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Fast LieRE: the fast exponential and application agree with the reference path; the
+eval cache and freeze() reuse rotations only while that is exact."""
+
+import pytest
+import torch
+from conftest import randn
+
+from liere import AxialRoPE, LieRE, MixedRoPE, grid_positions
+from liere import functional as F
+from liere.testing import assert_orthogonal
+
+
+def paper_bases(h, a, m, s, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    params = torch.rand(h, a, m, s * (s - 1) // 2, generator=gen, dtype=torch.float64) * 6.2832
+    return F.skew_symmetric(params, s).to(dtype)
+
+
+@pytest.mark.parametrize("block", [4, 8, 16, 64])
+@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0])  # 4.0: four times the training range
+def test_lie_rotations_match_float64_reference(block, scale):
+    bases = paper_bases(2, 2, 64 // block, block, seed=block)
+    positions = grid_positions(5, 5) * scale
+    out = F.lie_rotations(positions, bases).double()
+    gen64 = F.block_generators(positions.double(), bases.double())
+    ref = F.expm_skew_reference(gen64)
+    spectral = torch.linalg.matrix_norm(gen64, ord=2).max().item()
+    tol = 10 * block * torch.finfo(torch.float32).eps * max(1.0, spectral)
+    assert (out - ref).abs().max().item() <= tol
+    eye = torch.eye(block, dtype=torch.float64)
+    assert (out.mT @ out - eye).abs().max().item() <= tol
+
+
+def test_lie_rotations_float64_path():
+    bases = paper_bases(1, 2, 2, 8, dtype=torch.float64)
+    positions = grid_positions(4, 4, dtype=torch.float64) * 4
+    out = F.lie_rotations(positions, bases)
+    ref = F.expm_skew_reference(F.block_generators(positions, bases))
+    torch.testing.assert_close(out, ref, atol=1e-11, rtol=0)
+
+
+@pytest.mark.parametrize("block", [4, 8])
+def test_fast_and_reference_paths_agree_in_values_and_gradients(block):
+    torch.manual_seed(0)
+    fast = LieRE(16, 2, num_heads=2, block_size=block)
+    ref = LieRE(16, 2, num_heads=2, block_size=block)
+    ref.load_state_dict(fast.state_dict())
+    ref.exp_method = "matrix_exp"
+    q, k = randn(2, 2, 16, 16, seed=1), randn(2, 2, 16, 16, seed=2)
+    positions = grid_positions(4, 4) * 2
+    upstream = randn(2, 2, 16, 16, seed=3)
+    outs, grads = [], []
+    for enc in (fast, ref):
+        q_out, k_out = enc(q, k, positions)
+        ((q_out + 2 * k_out) * upstream).sum().backward()
+        outs.append(q_out.detach())
+        grads.append(enc.weight.grad.clone())
+    scale = fast.generator_norm(positions)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6 * scale, rtol=0)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5 * scale, rtol=1e-4)
+
+
+def test_squarings_for():
+    assert F.squarings_for(0.0) == 0 and F.squarings_for(1.0) == 0
+    assert F.squarings_for(34.0) == 5  # float32 series is accurate up to norm 1.3
+    assert F.squarings_for(34.0, torch.float64) == 6
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        F.squarings_for(float("inf"))
+
+
+@pytest.mark.parametrize("rot_heads", [1, 3])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_pair_application_matches_single(rot_heads, per_sample):
+    b, h, n, m, s = 2, 3, 5, 4, 4
+    q, k = randn(b, h, n, m * s, seed=1), randn(b, h, n, m * s, seed=2)
+    shape = (b, rot_heads, n, m, s, s) if per_sample else (rot_heads, n, m, s, s)
+    rot = randn(*shape, seed=3)
+    q_out, k_out = F.apply_blockwise_pair(q, k, rot)
+    torch.testing.assert_close(q_out, F.apply_blockwise(q, rot))
+    torch.testing.assert_close(k_out, F.apply_blockwise(k, rot))
+    k_small = randn(b, 1, n, m * s, seed=4)  # GQA: different shapes fall back to two calls
+    if rot_heads == 1:
+        _, k2 = F.apply_blockwise_pair(q, k_small, rot)
+        torch.testing.assert_close(k2, F.apply_blockwise(k_small, rot))
+
+
+# -- cache ---------------------------------------------------------------------------------
+
+
+class Counter:
+    def __init__(self, enc):
+        self.calls, self.inner = 0, enc._rotations
+        enc._rotations = self
+
+    def __call__(self, positions):
+        self.calls += 1
+        return self.inner(positions)
+
+
+def eval_call(enc, positions, q=None):
+    q = randn(2, enc.num_heads, positions.shape[0], enc.head_dim, seed=1) if q is None else q
+    with torch.no_grad():
+        return enc(q, q, positions)[0]
+
+
+@pytest.fixture
+def enc():
+    torch.manual_seed(0)
+    return LieRE(16, 2, num_heads=2, block_size=8).eval()
+
+
+def test_cache_reuses_rotations_for_repeated_positions(enc):
+    counter = Counter(enc)
+    pos = grid_positions(3, 3)
+    first = eval_call(enc, pos)
+    second = eval_call(enc, grid_positions(3, 3))  # a new tensor, equal values
+    assert counter.calls == 1 and torch.equal(first, second)
+
+
+def test_cache_invalidated_by_parameter_update(enc):
+    counter = Counter(enc)
+    pos = grid_positions(3, 3)
+    before = eval_call(enc, pos)
+    opt = torch.optim.SGD(enc.parameters(), lr=0.1)
+    enc.weight.grad = torch.ones_like(enc.weight)
+    opt.step()
+    after = eval_call(enc, pos)
+    assert counter.calls == 2 and not torch.allclose(before, after)
+    with torch.no_grad():
+        enc.weight.mul_(0.5)
+    eval_call(enc, pos)
+    assert counter.calls == 3
+
+
+def test_cache_invalidated_by_new_positions(enc):
+    counter = Counter(enc)
+    eval_call(enc, grid_positions(3, 3))
+    eval_call(enc, grid_positions(3, 3) * 1.5)
+    eval_call(enc, grid_positions(3, 3, reference=4))
+    assert counter.calls == 3
+
+
+def test_cache_invalidated_by_dtype_and_device_moves(enc):
+    counter = Counter(enc)
+    pos = grid_positions(3, 3)
+    eval_call(enc, pos)
+    enc.double()
+    out = eval_call(enc, pos.double(), q=randn(1, 2, 9, 16, dtype=torch.float64))
+    assert counter.calls == 2 and out.dtype == torch.float64
+    enc.to("cpu")  # any move drops the cache, including to the same device
+    assert enc._cache is None
+
+
+def test_cache_invalidated_by_compute_dtype(enc):
+    counter = Counter(enc)
+    pos = grid_positions(3, 3)
+    eval_call(enc, pos)
+    eval_call(enc, pos, q=randn(1, 2, 9, 16, dtype=torch.float64))
+    assert counter.calls == 2
+
+
+def test_cache_invalidated_by_load_state_dict_and_train(enc):
+    counter = Counter(enc)
+    pos = grid_positions(3, 3)
+    eval_call(enc, pos)
+    enc.load_state_dict({"weight": torch.zeros_like(enc.weight)})
+    assert torch.equal(eval_call(enc, pos), randn(2, 2, 9, 16, seed=1))  # identity now
+    enc.train().eval()
+    eval_call(enc, pos)
+    assert counter.calls == 3
+
+
+def test_no_cache_in_training_or_with_autograd(enc):
+    counter = Counter(enc)
+    pos = grid_positions(3, 3)
+    q = randn(1, 2, 9, 16)
+    enc(q, q, pos)
+    enc(q, q, pos)  # eval but grad enabled and parameters require grad
+    enc.train()
+    with torch.no_grad():
+        enc(q, q, pos)
+        enc(q, q, pos)
+    assert counter.calls == 4
+    enc.eval().cache_rotations = False
+    eval_call(enc, pos)
+    eval_call(enc, pos)
+    assert counter.calls == 6
+
+
+# -- freeze --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: LieRE(16, 2, num_heads=2, block_size=8),
+        lambda: LieRE(16, 2, num_heads=2, block_size=2),
+        lambda: MixedRoPE(16, 2, num_heads=2),
+        lambda: AxialRoPE(16, 2),
+    ],
+    ids=["liere8", "liere2", "mixed", "axial"],
+)
+def test_freeze_gives_identical_outputs_without_recomputing(factory):
+    torch.manual_seed(0)
+    enc = factory()
+    pos = grid_positions(3, 3)
+    q = randn(2, 2, 9, 16, seed=1)
+    expected = enc(q, q, pos)[0]
+    enc.freeze(pos)
+    counter = Counter(enc)
+    assert enc.is_frozen
+    assert torch.equal(enc(q, q, grid_positions(3, 3))[0], expected)
+    assert counter.calls == 0
+    enc(q[:, :, :4], q[:, :, :4], grid_positions(2, 2))  # other positions: computed
+    assert counter.calls == 1
+    enc.unfreeze()
+    enc(q, q, pos)
+    assert counter.calls == 2 and not enc.is_frozen
+
+
+def test_frozen_rotations_follow_device_moves_but_keep_precision():
+    enc = LieRE(16, 2, block_size=8).freeze(grid_positions(3, 3))
+    rot = enc._frozen[1]
+    enc.to(torch.float64)
+    assert enc._frozen[1].dtype == torch.float32 and torch.equal(enc._frozen[1], rot)
+
+
+def test_freeze_errors():
+    enc = LieRE(16, 2)
+    with pytest.raises(ValueError, match=r"freeze takes shared positions of shape \(tokens, 2\)"):
+        enc.freeze(torch.zeros(2, 9, 2))
+    with pytest.raises(ValueError, match="float32 or float64"):
+        enc.freeze(grid_positions(2, 2), dtype=torch.bfloat16)
+
+
+def test_orthogonal_at_four_times_training_range_for_dense():
+    torch.manual_seed(0)
+    enc = LieRE(64, 2, num_heads=2, block_size=64)
+    assert_orthogonal(enc, grid_positions(6, 6) * 4)
