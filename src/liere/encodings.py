@@ -45,7 +45,9 @@ def _is_tracing() -> bool:
     if torch.jit.is_tracing():
         return True
     onnx = getattr(torch, "onnx", None)
-    return bool(onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export())
+    return bool(
+        onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export()
+    )
 
 
 def _check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -131,7 +133,9 @@ class RotaryEncoding(nn.Module):
         )
         return (params, tuple(positions.shape), positions.dtype, positions.device, dtype)
 
-    def _matches_frozen(self, frozen_positions: Tensor, positions: Tensor, dtype: torch.dtype) -> bool:
+    def _matches_frozen(
+        self, frozen_positions: Tensor, positions: Tensor, dtype: torch.dtype
+    ) -> bool:
         if frozen_positions.shape != positions.shape:
             return False
         if _is_tracing():
@@ -140,7 +144,7 @@ class RotaryEncoding(nn.Module):
         return same and self._frozen_dtype == dtype
 
     @torch.no_grad()
-    def freeze(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> "RotaryEncoding":
+    def freeze(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> RotaryEncoding:
         """Precompute the rotations for fixed ``positions`` (inference and export).
 
         Later calls with these positions (same values) use the stored rotations: no
@@ -164,7 +168,7 @@ class RotaryEncoding(nn.Module):
         self._frozen_dtype = dtype
         return self
 
-    def unfreeze(self) -> "RotaryEncoding":
+    def unfreeze(self) -> RotaryEncoding:
         """Drop rotations stored by ``freeze``."""
         self._frozen = None
         return self
@@ -177,11 +181,11 @@ class RotaryEncoding(nn.Module):
         """Drop the eval-mode rotation cache (Note [rotation cache])."""
         self._cache = None
 
-    def train(self, mode: bool = True) -> "RotaryEncoding":
+    def train(self, mode: bool = True) -> RotaryEncoding:
         self._cache = None
         return super().train(mode)
 
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "RotaryEncoding":
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> RotaryEncoding:
         self._cache = None
         out = super()._apply(fn, *args, **kwargs)
         frozen = self._frozen

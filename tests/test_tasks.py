@@ -1,0 +1,173 @@
+import numpy as np
+import pytest
+import torch
+
+from liere import tasks
+from liere.experiments import TrainConfig, evaluate, predict, train
+from liere.models import VisionTransformer
+from liere.tasks import (
+    GLYPH,
+    arrow_spatial,
+    balanced_labels,
+    mnist_digits,
+    moving_digits,
+    resize,
+    shuffle_patches,
+)
+
+
+def test_balanced_labels():
+    labels = balanced_labels(103, 4, np.random.default_rng(0))
+    assert np.bincount(labels).tolist() == [26, 26, 26, 25]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda seed: arrow_spatial(40, seed=seed),
+        lambda seed: moving_digits("train", 40, seed=seed),
+        lambda seed: mnist_digits("train", seed=seed),
+    ],
+    ids=["spatial", "video", "mnist"],
+)
+def test_deterministic_by_seed_and_balanced(make):
+    a, b, c = make(0), make(0), make(1)
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.inputs, c.inputs)
+    counts = torch.bincount(a.labels, minlength=a.num_classes)
+    assert counts.max() - counts.min() <= 1
+    assert a.inputs.dtype == torch.float32 and 0 <= a.inputs.min() and a.inputs.max() <= 1
+
+
+def test_mnist_split_is_fixed_disjoint_and_stratified():
+    train_set, test_set = mnist_digits("train"), mnist_digits("test")
+    assert len(train_set) == 4000 and len(test_set) == 1000
+    assert torch.bincount(test_set.labels).tolist() == [100] * 10
+    assert train_set.inputs.shape[1:] == (1, 24, 24)
+    # the test split is the same set of digits whatever the seed
+    other = mnist_digits("test", seed=5)
+    key = lambda d: sorted(d.inputs.flatten(1).sum(1).tolist())  # noqa: E731
+    assert key(other) == key(test_set)
+    train_images = {bytes(x.numpy().tobytes()) for x in train_set.inputs}
+    assert not any(bytes(x.numpy().tobytes()) in train_images for x in test_set.inputs)
+    with pytest.raises(ValueError, match="split must be"):
+        mnist_digits("val")
+
+
+def _decode_board(image):
+    """Map cell -> glyph name for a noise-free board."""
+    grid = image.shape[-1] // GLYPH
+    names = {}
+    arrows = {tuple(a.flatten()): d for d, a in enumerate(tasks._ARROWS)}
+    for r in range(grid):
+        for c in range(grid):
+            cell = image[r * GLYPH : (r + 1) * GLYPH, c * GLYPH : (c + 1) * GLYPH].numpy()
+            key = tuple(cell.flatten())
+            if key in arrows:
+                names[(r, c)] = ("arrow", arrows[key])
+            elif np.array_equal(cell, tasks._TARGET):
+                names[(r, c)] = ("target", None)
+            elif cell.any():
+                names[(r, c)] = ("letter", None)
+    return names
+
+
+@pytest.mark.parametrize("grid", [8, 12])
+def test_spatial_label_is_quadrant_of_the_only_arrow_pointing_at_target(grid):
+    data = arrow_spatial(60, grid=grid, noise=0.0, seed=3)
+    assert data.inputs.shape == (60, 1, GLYPH * grid, GLYPH * grid)
+    for image, label in zip(data.inputs[:, 0], data.labels.tolist()):
+        board = _decode_board(image)
+        (target,) = [cell for cell, (kind, _) in board.items() if kind == "target"]
+        pointing = [
+            cell
+            for cell, (kind, d) in board.items()
+            if kind == "arrow" and tasks._points_at(cell, d, target)
+        ]
+        assert len(pointing) == 1
+        (r, c), half = pointing[0], grid // 2
+        assert label == 2 * (r >= half) + (c >= half)
+        assert sum(kind == "arrow" for kind, _ in board.values()) == 5
+        assert sum(kind == "letter" for kind, _ in board.values()) == 3
+
+
+def test_spatial_errors():
+    with pytest.raises(ValueError, match="even number >= 4"):
+        arrow_spatial(4, grid=5)
+    with pytest.raises(ValueError, match="too many items"):
+        arrow_spatial(4, grid=4, distractor_arrows=10, letters=10)
+
+
+def test_moving_digit_moves_in_the_labelled_direction():
+    data = moving_digits("test", 40, seed=1)
+    assert data.inputs.shape == (40, 1, 8, 16, 16)
+    rows = torch.arange(16.0).view(16, 1)
+    cols = torch.arange(16.0).view(1, 16)
+    for clip, label in zip(data.inputs[:, 0], data.labels.tolist()):
+        mass = clip.sum((-1, -2))
+        assert (mass > 0).all()  # the digit never leaves the frame entirely
+        r = (clip * rows).sum((-1, -2)) / mass
+        c = (clip * cols).sum((-1, -2)) / mass
+        dr, dc = float(r[-1] - r[0]), float(c[-1] - c[0])
+        expected = {0: (0, 1), 1: (-1, 0), 2: (0, -1), 3: (1, 0)}[label]
+        assert np.sign(round(dr, 3)) == expected[0] and np.sign(round(dc, 3)) == expected[1]
+
+
+def test_moving_digits_use_disjoint_digits_for_train_and_test():
+    train_digits = mnist_digits("train", size=8).inputs.flatten(1)
+    test_digits = mnist_digits("test", size=8).inputs.flatten(1)
+    assert train_digits.shape[0] + test_digits.shape[0] == 5000
+
+
+def test_resize_images_and_clips():
+    assert resize(torch.zeros(2, 1, 24, 24), 1.5).shape == (2, 1, 36, 36)
+    clip = torch.rand(2, 1, 4, 8, 8)
+    out = resize(clip, 2.0)
+    assert out.shape == (2, 1, 4, 16, 16)
+    torch.testing.assert_close(out[:, :, 1, ::2, ::2], clip[:, :, 1])  # nearest, frames kept
+    assert resize(clip, 1.5, mode="bilinear").shape == (2, 1, 4, 12, 12)
+
+
+@pytest.mark.parametrize("shape, patch", [((3, 2, 8, 12), (4, 4)), ((2, 1, 4, 8, 8), (1, 4, 4))])
+def test_shuffle_patches_permutes_whole_patches(shape, patch):
+    x = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape)
+    out = shuffle_patches(x, patch, seed=1)
+    assert out.shape == x.shape and not torch.equal(out, x)
+    assert torch.equal(out.flatten().sort().values, x.flatten().sort().values)
+
+    def patches(t):
+        grid = [s // p for s, p in zip(t.shape[2:], patch)]
+        split = t.reshape(t.shape[0], t.shape[1], *[v for gp in zip(grid, patch) for v in gp])
+        dims = len(patch)
+        order = [0, *[2 + 2 * i for i in range(dims)], 1, *[3 + 2 * i for i in range(dims)]]
+        return split.permute(*order).reshape(t.shape[0], -1, t.shape[1] * int(np.prod(patch)))
+
+    before, after = patches(x), patches(out)
+    for b in range(shape[0]):  # every output patch is an input patch of the same sample, intact
+        rows_before = {tuple(p.tolist()) for p in before[b]}
+        assert {tuple(p.tolist()) for p in after[b]} == rows_before
+    assert torch.equal(shuffle_patches(x, patch, seed=1), out)  # seeded
+
+
+def test_shuffle_patches_errors():
+    with pytest.raises(ValueError, match="divisible by patch_size"):
+        shuffle_patches(torch.zeros(1, 1, 10, 10), (4, 4))
+
+
+def test_training_loop_learns_and_repeats_exactly():
+    data = arrow_spatial(256, grid=4, distractor_arrows=1, letters=1, seed=0)
+    results = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = VisionTransformer(
+            20, 5, 4, in_channels=1, dim=32, depth=1, num_heads=2, pos_enc="liere"
+        )
+        losses = train(model, data, TrainConfig(epochs=4, batch_size=32, lr=3e-3, seed=0))
+        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    assert results[0][0][-1] < results[0][0][0]
+    assert predict(model, data.inputs[:10]).shape == (10,)
+    assert 0.0 <= evaluate(model, data.inputs, data.labels) <= 1.0
+    with pytest.raises(ValueError, match="empty"):
+        evaluate(model, data.inputs[:0], data.labels[:0])
