@@ -278,6 +278,24 @@ class VisionTransformer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x)[:, 0])
 
+    def rotary_encodings(self) -> list[RotaryEncoding]:
+        """The rotary encoding of every block (empty for none/absolute)."""
+        return [b.attn.pos_enc for b in self.blocks if isinstance(b.attn.pos_enc, RotaryEncoding)]
+
+    def freeze_rotations(self, grid: Optional[Sequence[int]] = None) -> VisionTransformer:
+        """Precompute every block's rotations for inputs of one patch grid (default: the
+        training grid), for inference and export (ONNX has no matrix-exponential operator).
+        Inputs of other sizes still work, computing their rotations as usual."""
+        positions = self.positions_for(grid or self.grid_size, device=self.cls_token.device)
+        for enc in self.rotary_encodings():
+            enc.freeze(positions)
+        return self
+
+    def unfreeze_rotations(self) -> VisionTransformer:
+        for enc in self.rotary_encodings():
+            enc.unfreeze()
+        return self
+
     def extra_repr(self) -> str:
         return (
             f"image_size={self.image_size}, patch_size={self.patch_size}, "
