@@ -29,6 +29,9 @@ class RotaryAttention(nn.Module):
             gives plain multi-head attention (``positions`` is then ignored).
         num_prefix_tokens: leading tokens left unrotated.
         qkv_bias, attn_drop, proj_drop: as in timm.
+        qk_norm: LayerNorm over head_dim on q and k before the rotation (as timm/Eva do);
+            the attributes ``q_norm``, ``k_norm`` and ``norm`` (on the attention output, before
+            ``proj``) are identities otherwise and may be replaced by any module.
 
     Shape:
         x ``(b, num_prefix_tokens + n, dim)``; positions ``(n, a)`` or ``(b, n, a)``;
@@ -46,6 +49,7 @@ class RotaryAttention(nn.Module):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        qk_norm: bool = False,
         device: Optional[Union[torch.device, str]] = None,
         dtype: Optional[torch.dtype] = None,
     ) -> None:
@@ -76,12 +80,22 @@ class RotaryAttention(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.attn_drop = float(attn_drop)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, device=device, dtype=dtype)
+        norm = (
+            (lambda: nn.LayerNorm(head_dim, device=device, dtype=dtype)) if qk_norm else nn.Identity
+        )
+        self.q_norm: nn.Module = norm()
+        self.k_norm: nn.Module = norm()
+        self.norm: nn.Module = nn.Identity()
         self.proj = nn.Linear(dim, dim, device=device, dtype=dtype)
         self.proj_drop = nn.Dropout(proj_drop)
         self.pos_enc = pos_enc
 
     def forward(
-        self, x: Tensor, positions: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None
+        self,
+        x: Tensor,
+        positions: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
     ) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(
@@ -98,9 +112,15 @@ class RotaryAttention(nn.Module):
                 )
             q, k = self._rotate(q, k, positions)
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.attn_drop if self.training else 0.0,
+            is_causal=is_causal,
         )
-        return self.proj_drop(self.proj(rearrange(out, "b h n d -> b n (h d)")))
+        out = self.norm(rearrange(out, "b h n d -> b n (h d)"))
+        return self.proj_drop(self.proj(out))
 
     def _rotate(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         assert self.pos_enc is not None

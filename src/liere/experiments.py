@@ -74,7 +74,8 @@ def train(
     """
     device = device or next(model.parameters()).device
     rank, world = _world()
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue

@@ -280,7 +280,8 @@ class VisionTransformer(nn.Module):
 
     def rotary_encodings(self) -> list[RotaryEncoding]:
         """The rotary encoding of every block (empty for none/absolute)."""
-        return [b.attn.pos_enc for b in self.blocks if isinstance(b.attn.pos_enc, RotaryEncoding)]
+        encodings = [block.attn.pos_enc for block in self.blocks]  # type: ignore[union-attr]
+        return [e for e in encodings if isinstance(e, RotaryEncoding)]
 
     def freeze_rotations(self, grid: Optional[Sequence[int]] = None) -> VisionTransformer:
         """Precompute every block's rotations for inputs of one patch grid (default: the
