@@ -62,6 +62,31 @@ def _rope_magnitudes(count: int, max_freq: float, base: float) -> Tensor:
     return max_freq * base ** (-i / max(count, 1))
 
 
+def _describe(module: nn.Module, shape: tuple[int, ...]) -> str:
+    """The configuration a parameter shape implies."""
+    if isinstance(module, LieRE):
+        h, a, m, entries = shape
+        s = int(round((1 + math.sqrt(1 + 8 * entries)) / 2))
+        return f"num_heads={h}, num_axes={a}, block_size={s}, head_dim={m * s}"
+    h, a, k = shape
+    return f"num_heads={h}, num_axes={a}, head_dim={2 * k}"
+
+
+def _check_checkpoint_shape(
+    module: nn.Module, state_dict: Any, key: str, param: Tensor, error_msgs: list[str]
+) -> None:
+    """Say which configuration a mismatched checkpoint was saved with (PyTorch's own message
+    only gives raw shapes)."""
+    saved = state_dict.get(key)
+    if isinstance(saved, Tensor) and saved.dim() == param.dim() and saved.shape != param.shape:
+        error_msgs.append(
+            f"{type(module).__name__} checkpoint {key!r} was saved with "
+            f"{_describe(module, tuple(saved.shape))}, but this module has "
+            f"{_describe(module, tuple(param.shape))}: build the module with the checkpoint's "
+            f"configuration."
+        )
+
+
 class RotaryEncoding(nn.Module):
     """Base class: validates ``(q, k, positions)``, builds rotations once, rotates q and k.
 
@@ -92,15 +117,60 @@ class RotaryEncoding(nn.Module):
         self._cache: Optional[tuple[tuple[Any, ...], Tensor, Rotation]] = None
         self._frozen: Optional[tuple[Tensor, Rotation]] = None
         self._frozen_dtype = torch.float32
+        # Note [input checks]: NaN/Inf positions raise (one reduction over the positions, a
+        # host sync on GPU); set False to skip where speed matters. Skipped while tracing.
+        self.check_finite = True
+        # Note [chunking]: rotate at most this many tokens at a time, so rotation storage stays
+        # bounded for big grids; under autograd each chunk is checkpointed (recomputed in
+        # backward). None: all tokens at once.
+        self.max_tokens_per_chunk: Optional[int] = None
 
     # -- protocol ---------------------------------------------------------------------------
     def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         positions = self._check_inputs(q, k, positions)
+        if self.check_finite and not _is_tracing() and not bool(torch.isfinite(positions).all()):
+            raise ValueError(
+                f"{type(self).__name__}: positions contain NaN or Inf. Fix the data loader, or "
+                f"set encoding.check_finite = False to skip this check."
+            )
         dtype = F.compute_dtype(q.dtype, k.dtype)
+        chunk = self.max_tokens_per_chunk
         with _no_autocast(q.device.type):
-            rotation = self._rotations_for(positions, dtype)
-            q_out, k_out = self._rotate_pair(q.to(dtype), k.to(dtype), rotation)
+            if chunk is not None and q.shape[2] > chunk and not self._has_frozen(positions, dtype):
+                q_out, k_out = self._chunked(q, k, positions, dtype, chunk)
+            else:
+                rotation = self._rotations_for(positions, dtype)
+                q_out, k_out = self._rotate_pair(q.to(dtype), k.to(dtype), rotation)
         return q_out.to(q.dtype), k_out.to(k.dtype)
+
+    def _rotate_chunk(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return self._rotate_pair(q, k, self._rotations(positions))
+
+    def _chunked(
+        self, q: Tensor, k: Tensor, positions: Tensor, dtype: torch.dtype, chunk: int
+    ) -> tuple[Tensor, Tensor]:
+        """Note [chunking]: token chunks, each rotated and applied on its own."""
+        from torch.utils.checkpoint import checkpoint
+
+        needs_grad = torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or any(p.requires_grad for p in self.parameters())
+        )
+        q_parts, k_parts = [], []
+        for start in range(0, q.shape[2], chunk):
+            end = start + chunk
+            args = (q[:, :, start:end].to(dtype), k[:, :, start:end].to(dtype))
+            pos = positions[..., start:end, :].to(dtype)
+            if needs_grad:
+                out = checkpoint(self._rotate_chunk, *args, pos, use_reentrant=False)
+            else:
+                out = self._rotate_chunk(*args, pos)
+            q_parts.append(out[0])
+            k_parts.append(out[1])
+        return torch.cat(q_parts, dim=2), torch.cat(k_parts, dim=2)
+
+    def _has_frozen(self, positions: Tensor, dtype: torch.dtype) -> bool:
+        frozen = self._frozen
+        return frozen is not None and self._matches_frozen(frozen[0], positions, dtype)
 
     # -- caching and freezing ---------------------------------------------------------------
     def _rotations_for(self, positions: Tensor, dtype: torch.dtype) -> Rotation:
@@ -312,6 +382,20 @@ class RotaryEncoding(nn.Module):
         return positions
 
 
+def _rope_generators(freqs: Tensor) -> Tensor:
+    """Dense generators of pairwise RoPE: pair k of axis a is ``[[0, -f], [f, 0]]``.
+
+    Shape:
+        freqs ``(h, a, k)`` -> ``(h, a, 2k, 2k)``
+    """
+    h, a, k = freqs.shape
+    blocks = freqs.new_zeros(h, a, k, 2, 2)
+    blocks[..., 1, 0] = freqs
+    blocks[..., 0, 1] = -freqs
+    eye = torch.eye(k, dtype=freqs.dtype, device=freqs.device)
+    return torch.einsum("hamij,mn->haminj", blocks, eye).reshape(h, a, 2 * k, 2 * k)
+
+
 class AxialRoPE(RotaryEncoding):
     """Fixed axial RoPE: pair ``k`` of axis ``a`` turns by ``p_a * f_k``.
 
@@ -379,6 +463,14 @@ class AxialRoPE(RotaryEncoding):
         for axis in range(a):
             table[axis, axis * per : (axis + 1) * per] = mags
         return table.unsqueeze(0).to(device)
+
+    def generators(self) -> Tensor:
+        """Dense skew-symmetric generators: ``R(p) = exp(sum_a p_a A_a)``.
+
+        Shape:
+            ``(1, num_axes, head_dim, head_dim)`` (float64)
+        """
+        return _rope_generators(self.frequencies())
 
     def _generator_norms(self, abs_positions: Tensor) -> Tensor:
         return F.rope_angles(abs_positions, self.frequencies(abs_positions.device).abs())
@@ -450,8 +542,20 @@ class MixedRoPE(RotaryEncoding):
         with torch.no_grad():
             self.freqs.copy_(directions * mags)
 
+    def generators(self) -> Tensor:
+        """Dense skew-symmetric generators: ``R(p) = exp(sum_a p_a A_a)``.
+
+        Shape:
+            ``(num_heads, num_axes, head_dim, head_dim)``
+        """
+        return _rope_generators(self.freqs)
+
     def _generator_norms(self, abs_positions: Tensor) -> Tensor:
         return F.rope_angles(abs_positions, self.freqs.detach().double().abs())
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        _check_checkpoint_shape(self, state_dict, prefix + "freqs", self.freqs, args[-1])
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _rotations(self, positions: Tensor) -> Rotation:
         angles = F.rope_angles(positions, self.freqs.to(positions.dtype))
@@ -582,6 +686,10 @@ class LieRE(RotaryEncoding):
         if isinstance(rotation, tuple):
             return F.apply_rope(q, *rotation), F.apply_rope(k, *rotation)
         return F.apply_blockwise_pair(q, k, rotation)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        _check_checkpoint_shape(self, state_dict, prefix + "weight", self.weight, args[-1])
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         return (

@@ -10,6 +10,7 @@ Nothing here owns parameters; the modules in ``liere.encodings`` call these func
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -111,6 +112,27 @@ def _taylor_expm_squared(x: Tensor, squarings: int) -> Tensor:
     return result
 
 
+# Note [extrapolation]: float32 rotations lose orthogonality in proportion to the generator
+# norm. Measured by benchmarks/extrapolation.py (paper init, seed 0, 14x14 grid scaled):
+# 8x8 blocks max|R^T R - I| = 6.6e-6 at 1x the training range (||G|| = 40), 4.8e-5 at 8x
+# (||G|| = 318), about 1.6e-7 * ||G||; dense 64x64 6.5e-5 at 1x (||G|| = 262), 1.6e-4 at 8x
+# (||G|| = 2,096). The tests hold it to 10 * s * eps * max(1, ||G||). Past ||G|| = 2^14 the
+# error passes 1e-3 and keeps growing, so a RuntimeWarning says so; float64 inputs are accurate
+# to about 1e-16 * ||G||.
+LARGE_NORM = {torch.float32: 2.0**14, torch.float64: 2.0**40}
+
+
+def _warn_if_inaccurate(norm: float, dtype: torch.dtype) -> None:
+    if norm > LARGE_NORM.get(dtype, math.inf):
+        warnings.warn(
+            f"generator norm {norm:.3g} is beyond {LARGE_NORM[dtype]:.3g}: {dtype} rotations "
+            f"lose orthogonality (error about {1.6e-7 * norm:.1e} in float32). Positions far "
+            f"outside the training range? Rescale them, or pass float64 q/k.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
 def squarings_for(norm_bound: float, dtype: torch.dtype = torch.float32) -> int:
     """Squarings ``j`` so that a generator of norm <= ``norm_bound`` scaled by ``2^-j`` is
     within the Taylor series' accurate range for ``dtype`` (Note [Taylor scaling and
@@ -170,6 +192,7 @@ def expm_skew(gen: Tensor, *, method: str = "auto") -> Tensor:
     squarings = _squarings_for(gen)
     size = gen.shape[-1]
     x = gen.reshape(-1, size, size)
+    _warn_if_inaccurate(math.ldexp(1.0, squarings), gen.dtype)
     return _taylor_expm_squared(x * (2.0**-squarings), squarings).reshape(gen.shape)
 
 
@@ -196,6 +219,7 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         bound = torch.matmul(positions.detach().abs().unsqueeze(-3), sigma)  # (.., h, n, m)
         norm = float(bound.amax()) if bound.numel() else 0.0
     squarings = squarings_for(norm, bases.dtype)
+    _warn_if_inaccurate(norm, bases.dtype)
     gen = block_generators(positions, bases * (2.0**-squarings) if squarings else bases)
     out = _taylor_expm_squared(gen.reshape(-1, size, size), squarings)
     return out.reshape(gen.shape)

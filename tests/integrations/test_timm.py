@@ -28,8 +28,14 @@ def small_vit(**kw):
 def small_eva(**kw):
     torch.manual_seed(0)
     args = dict(
-        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5,
-        use_rot_pos_emb=True, ref_feat_shape=(4, 4),
+        img_size=32,
+        patch_size=8,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        num_classes=5,
+        use_rot_pos_emb=True,
+        ref_feat_shape=(4, 4),
     )
     args.update(kw)
     return Eva(**args).eval()
@@ -62,7 +68,9 @@ def test_disabled_encoding_reproduces_the_original_exactly(factory):
 @pytest.mark.parametrize("factory", [small_vit, small_eva], ids=["vit", "eva"])
 def test_liere_swap_keeps_weights_and_adds_per_layer_generators(factory):
     model = factory(dynamic_img_size=True)
-    qkv = [b.attn.qkv.weight.detach().clone() for b in model.blocks] if factory is small_vit else None
+    qkv = (
+        [b.attn.qkv.weight.detach().clone() for b in model.blocks] if factory is small_vit else None
+    )
     convert_vit(model, "liere", block_size=8)
     encs = [b.attn.pos_enc for b in model.blocks]
     assert all(isinstance(e, LieRE) and e.num_heads == 3 and e.head_dim == 16 for e in encs)
