@@ -447,9 +447,28 @@ class AxialRoPE(RotaryEncoding):
                 f"AxialRoPE: head_dim={head_dim} has {head_dim // 2} channel pairs, fewer than "
                 f"num_axes={num_axes}; every axis needs at least one pair."
             )
-        # dtype/device are accepted for a uniform constructor; the frequency table is derived
-        # from the configuration in forward (never rounded by module.to(bfloat16)).
-        del device, dtype
+        # The frequency table is derived from the configuration: a plain float64 attribute
+        # (not a buffer) that follows device moves but is never rounded by module.to(bfloat16).
+        del dtype
+        self._table = self._build_table().to(device)
+
+    def _build_table(self) -> Tensor:
+        a, per = self.num_axes, self.pairs_per_axis
+        mags = _rope_magnitudes(per, self.max_freq, self.base)
+        table = torch.zeros(a, self.head_dim // 2, dtype=torch.float64)
+        for axis in range(a):
+            table[axis, axis * per : (axis + 1) * per] = mags
+        return table.unsqueeze(0)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> RotaryEncoding:
+        out = super()._apply(fn, *args, **kwargs)
+        device = fn(torch.zeros(1, device=self._table.device)).device
+        self._table = self._build_table().to(device)  # rebuilt: a meta table holds no data
+        return out
+
+    def reset_parameters(self) -> None:
+        """No parameters; rebuilds the frequency table (e.g. after meta-device init)."""
+        self._table = self._build_table().to(self._table.device)
 
     def frequencies(self, device: Optional[torch.device] = None) -> Tensor:
         """The ``(1, a, k)`` frequency table: column ``k`` is nonzero only on its own axis.
@@ -457,12 +476,7 @@ class AxialRoPE(RotaryEncoding):
         Shape:
             ``(1, num_axes, head_dim // 2)`` (float64)
         """
-        a, per = self.num_axes, self.pairs_per_axis
-        mags = _rope_magnitudes(per, self.max_freq, self.base)
-        table = torch.zeros(a, self.head_dim // 2, dtype=torch.float64)
-        for axis in range(a):
-            table[axis, axis * per : (axis + 1) * per] = mags
-        return table.unsqueeze(0).to(device)
+        return self._table if device is None else self._table.to(device)
 
     def generators(self) -> Tensor:
         """Dense skew-symmetric generators: ``R(p) = exp(sum_a p_a A_a)``.
@@ -476,7 +490,7 @@ class AxialRoPE(RotaryEncoding):
         return F.rope_angles(abs_positions, self.frequencies(abs_positions.device).abs())
 
     def _rotations(self, positions: Tensor) -> Rotation:
-        freqs = self.frequencies(positions.device).to(positions.dtype)
+        freqs = self._table.to(device=positions.device, dtype=positions.dtype)
         angles = F.rope_angles(positions, freqs)
         return torch.cos(angles), torch.sin(angles)
 
