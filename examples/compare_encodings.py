@@ -13,7 +13,9 @@ interpolated), and with its patches shuffled (the paper's section 5.5). Larger g
 upsamples the test digits (the paper's protocol: same image, more patches); spatial and video
 draw boards/canvases with more cells of the same size (12x12 and 16x16 boards; 24 and 32 px
 frames), since upsampling 5-pixel glyphs would split them across patches.
-Writes ``<out>/compare_encodings.{md,json,png}``.
+Writes ``<out>/compare_encodings.{md,json,png}`` and, for the first seed, pictures of what
+each rotary encoding learned (``kernel_*.png``, ``spectra_*.png``); ``<out>`` defaults to
+``results/quick`` or ``results/full``.
 
     python examples/compare_encodings.py --quick          # about 3 minutes on 2 CPU cores
     python examples/compare_encodings.py                  # 3 seeds, all tasks, < 60 minutes
@@ -121,6 +123,29 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
+def save_pictures(model: VisionTransformer, task: Task, encoding: str, out: Path) -> None:
+    """What the trained first block's encoding learned: its spatial kernel per head (and, for
+    LieRE, the generators' spectra and commutator norms)."""
+    from liere.encodings import LieRE
+    from liere.viz import plot_generator_spectra, plot_spatial_kernel
+
+    encs = model.rotary_encodings()
+    if not encs:
+        return
+    enc = encs[0].cpu()
+    grid = model.grid_size if model.num_axes == 2 else (1, *model.grid_size[1:])
+    title = f"{task.name}, {encoding}, block 0: tr(R(q)^T R(p)) / d around the centre"
+    plot_spatial_kernel(
+        enc,
+        grid,
+        reference=model.grid_size if model.num_axes == 2 else None,
+        title=title,
+        path=str(out / f"kernel_{task.name}_{encoding}.png"),
+    )
+    if isinstance(enc, LieRE):
+        plot_generator_spectra(enc, path=str(out / f"spectra_{task.name}_{encoding}.png"))
+
+
 def run_one(
     task: Task,
     encoding: str,
@@ -129,6 +154,7 @@ def run_one(
     epochs: int,
     device: torch.device,
     world: int,
+    pictures: Optional[Path] = None,
 ) -> dict[str, float]:
     train_set, tests = data
     set_seed(seed)
@@ -148,6 +174,8 @@ def run_one(
         result[f"acc@{scale}"] = evaluate(model, tests[scale].inputs, tests[scale].labels)
     patch = task.patch_size if isinstance(task.patch_size, tuple) else (task.patch_size,) * 2
     result["acc_shuffled"] = evaluate(model, shuffle_patches(x, patch, seed=seed), y)
+    if pictures is not None:
+        save_pictures(model, task, encoding, pictures)
     return result
 
 
@@ -254,9 +282,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 (quick) or 0 1 2")
     parser.add_argument("--epochs", type=int, help="override every task's epoch count")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--out", type=Path, help="default: results/quick or results/full")
     args = parser.parse_args(argv)
     rank, world = init_distributed()
+    if args.out is None:
+        args.out = Path("results") / ("quick" if args.quick else "full")
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     elif world > 1:
@@ -296,7 +328,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         epochs = args.epochs or task.epochs[mode]
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"{task_name} {enc} seed {seed}")
-        result = run_one(task, enc, seed, data_cache[task_name], epochs, device, world)
+        pictures = args.out if rank == 0 and seed == seeds[0] else None
+        result = run_one(task, enc, seed, data_cache[task_name], epochs, device, world, pictures)
         results.append(
             {"task": task_name, "encoding": enc, "seed": seed, "epochs": epochs, **result}
         )

@@ -23,7 +23,7 @@ def test_quick_start_runs():
 
 def test_user_test_example_runs():
     block = next(b for b in python_blocks() if "def test_my_attention" in b)
-    assert len(block.strip().splitlines()) <= 12
+    assert len(block.strip().splitlines()) <= 10
     namespace: dict = {}
     exec(compile(block, "README test example", "exec"), namespace)
     namespace["test_my_attention"]()

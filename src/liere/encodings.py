@@ -37,19 +37,6 @@ def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def _is_tracing() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    for name in ("is_compiling", "is_exporting"):
-        if compiler is not None and hasattr(compiler, name) and getattr(compiler, name)():
-            return True
-    if torch.jit.is_tracing():
-        return True
-    onnx = getattr(torch, "onnx", None)
-    return bool(
-        onnx is not None and hasattr(onnx, "is_in_onnx_export") and onnx.is_in_onnx_export()
-    )
-
-
 def _check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
@@ -128,7 +115,7 @@ class RotaryEncoding(nn.Module):
     # -- protocol ---------------------------------------------------------------------------
     def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         positions = self._check_inputs(q, k, positions)
-        if self.check_finite and not _is_tracing() and not bool(torch.isfinite(positions).all()):
+        if self.check_finite and not F.is_tracing() and not bool(torch.isfinite(positions).all()):
             raise ValueError(
                 f"{type(self).__name__}: positions contain NaN or Inf. Fix the data loader, or "
                 f"set encoding.check_finite = False to skip this check."
@@ -180,7 +167,7 @@ class RotaryEncoding(nn.Module):
         use_cache = (
             self.cache_rotations
             and not self.training
-            and not _is_tracing()
+            and not F.is_tracing()
             and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
         )
         if not use_cache:
@@ -208,7 +195,7 @@ class RotaryEncoding(nn.Module):
     ) -> bool:
         if frozen_positions.shape != positions.shape:
             return False
-        if _is_tracing():
+        if F.is_tracing():
             return True  # export: the frozen grid is the contract (checked when frozen)
         same = torch.equal(frozen_positions, positions.to(frozen_positions.dtype))
         return same and self._frozen_dtype == dtype

@@ -36,7 +36,7 @@ __all__ = [
 # generators have norm <= theta, evaluate a truncated Taylor series with Paterson-Stockmeyer
 # (few matrix products for a high degree) and square j times. With ||X|| <= theta the
 # truncation error is below theta^(deg+1)/(deg+1)!: float32 uses degree 11 with theta = 1.3
-# (4e-8, under the unit roundoff 6e-8), float64 degree 19 with theta = 1 (4e-19 < 1.1e-16).
+# (5e-8, under the unit roundoff 6e-8), float64 degree 19 with theta = 1 (4e-19 < 1.1e-16).
 # Each squaring at most doubles the error already there, so the final error grows like
 # ||G|| * eps: this is why the orthogonality tolerance carries a max(1, ||A||) factor.
 # One j for all matrices (instead of torch.matrix_exp's per-matrix choice) keeps the batch in a
@@ -181,7 +181,7 @@ def expm_skew(gen: Tensor, *, method: str = "auto") -> Tensor:
     if method not in ("auto", "taylor", "matrix_exp"):
         raise ValueError(f"method must be 'auto', 'taylor' or 'matrix_exp'; got {method!r}.")
     size = gen.shape[-1]
-    if method == "matrix_exp" or (method == "auto" and size > 2 and _is_compiling()):
+    if method == "matrix_exp" or (method == "auto" and size > 2 and is_tracing()):
         return expm_skew_reference(gen)
     if method == "auto" and size == 1:
         return torch.ones_like(gen)
@@ -190,7 +190,6 @@ def expm_skew(gen: Tensor, *, method: str = "auto") -> Tensor:
         c, s = torch.cos(t), torch.sin(t)
         return torch.stack((torch.stack((c, s), -1), torch.stack((-s, c), -1)), -2)
     squarings = _squarings_for(gen)
-    size = gen.shape[-1]
     x = gen.reshape(-1, size, size)
     _warn_if_inaccurate(math.ldexp(1.0, squarings), gen.dtype)
     return _taylor_expm_squared(x * (2.0**-squarings), squarings).reshape(gen.shape)
@@ -210,7 +209,7 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``
     """
     size = bases.shape[-1]
-    if method != "auto" or size <= 2 or _is_compiling():
+    if method != "auto" or size <= 2 or is_tracing():
         return expm_skew(block_generators(positions, bases), method=method)
     if bases.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"lie_rotations computes in float32 or float64; got {bases.dtype}.")
@@ -238,11 +237,17 @@ def expm_skew_reference(gen: Tensor) -> Tensor:
     return torch.linalg.matrix_exp(gen.reshape(-1, size, size)).reshape(gen.shape)
 
 
-def _is_compiling() -> bool:
+def is_tracing() -> bool:
+    """True while torch.compile, torch.export, TorchScript tracing or ONNX export traces the
+    code: data-dependent choices (the squaring count, caches, input checks) are skipped then."""
     compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return bool(compiler.is_compiling())
-    return False
+    for name in ("is_compiling", "is_exporting"):
+        if compiler is not None and hasattr(compiler, name) and getattr(compiler, name)():
+            return True
+    if torch.jit.is_tracing():
+        return True
+    in_onnx_export = getattr(getattr(torch, "onnx", None), "is_in_onnx_export", None)
+    return bool(in_onnx_export is not None and in_onnx_export())
 
 
 def apply_blockwise(x: Tensor, rotations: Tensor) -> Tensor:
