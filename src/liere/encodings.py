@@ -383,7 +383,44 @@ def _rope_generators(freqs: Tensor) -> Tensor:
     return torch.einsum("hamij,mn->haminj", blocks, eye).reshape(h, a, 2 * k, 2 * k)
 
 
-class AxialRoPE(RotaryEncoding):
+class _PairwiseRoPE(RotaryEncoding):
+    """RoPE family: pair ``k`` of head ``h`` turns by ``sum_a p_a f[h, a, k]``; subclasses
+    say where the ``(h, a, d/2)`` table ``f`` comes from (``_frequency_table``)."""
+
+    def __init__(self, head_dim: int, num_axes: int, num_heads: int) -> None:
+        super().__init__(head_dim, num_axes, num_heads)
+        if head_dim % 2:
+            raise ValueError(
+                f"{type(self).__name__} needs an even head_dim (channel pairs); got {head_dim}."
+            )
+
+    def _frequency_table(self) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def generators(self) -> Tensor:
+        """Dense skew-symmetric generators: ``R(p) = exp(sum_a p_a A_a)``, pair ``k`` of axis
+        ``a`` contributing the block ``[[0, -f], [f, 0]]``.
+
+        Shape:
+            ``(num_heads, num_axes, head_dim, head_dim)``
+        """
+        return _rope_generators(self._frequency_table())
+
+    def _generator_norms(self, abs_positions: Tensor) -> Tensor:
+        freqs = self._frequency_table().detach().to(abs_positions.device, torch.float64)
+        return F.rope_angles(abs_positions, freqs.abs())
+
+    def _rotations(self, positions: Tensor) -> Rotation:
+        freqs = self._frequency_table().to(device=positions.device, dtype=positions.dtype)
+        angles = F.rope_angles(positions, freqs)
+        return torch.cos(angles), torch.sin(angles)
+
+    def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:
+        cos, sin = rotation
+        return F.apply_rope(x, cos, sin)
+
+
+class AxialRoPE(_PairwiseRoPE):
     """Fixed axial RoPE: pair ``k`` of axis ``a`` turns by ``p_a * f_k``.
 
     ``R(p) = blockdiag_k rot(p_{axis(k)} f_k)`` with ``rot(t) = [[cos t, -sin t], [sin t, cos t]]``
@@ -422,8 +459,6 @@ class AxialRoPE(RotaryEncoding):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(head_dim, num_axes, num_heads=1)
-        if head_dim % 2:
-            raise ValueError(f"AxialRoPE needs an even head_dim (channel pairs); got {head_dim}.")
         if not (max_freq > 0 and base > 0):
             raise ValueError(f"max_freq and base must be positive; got {max_freq}, {base}.")
         self.max_freq = float(max_freq)
@@ -465,25 +500,8 @@ class AxialRoPE(RotaryEncoding):
         """
         return self._table if device is None else self._table.to(device)
 
-    def generators(self) -> Tensor:
-        """Dense skew-symmetric generators: ``R(p) = exp(sum_a p_a A_a)``.
-
-        Shape:
-            ``(1, num_axes, head_dim, head_dim)`` (float64)
-        """
-        return _rope_generators(self.frequencies())
-
-    def _generator_norms(self, abs_positions: Tensor) -> Tensor:
-        return F.rope_angles(abs_positions, self.frequencies(abs_positions.device).abs())
-
-    def _rotations(self, positions: Tensor) -> Rotation:
-        freqs = self._table.to(device=positions.device, dtype=positions.dtype)
-        angles = F.rope_angles(positions, freqs)
-        return torch.cos(angles), torch.sin(angles)
-
-    def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:
-        cos, sin = rotation
-        return F.apply_rope(x, cos, sin)
+    def _frequency_table(self) -> Tensor:
+        return self._table
 
     def extra_repr(self) -> str:
         return (
@@ -493,7 +511,7 @@ class AxialRoPE(RotaryEncoding):
         )
 
 
-class MixedRoPE(RotaryEncoding):
+class MixedRoPE(_PairwiseRoPE):
     """RoPE-Mixed (Heo et al. 2024): pair ``k`` of head ``h`` turns by ``sum_a p_a f[h, a, k]``.
 
     Learnable frequencies mix every axis in every pair. Initialisation: pair ``k`` has
@@ -524,8 +542,6 @@ class MixedRoPE(RotaryEncoding):
         dtype: Optional[torch.dtype] = None,
     ) -> None:
         super().__init__(head_dim, num_axes, num_heads)
-        if head_dim % 2:
-            raise ValueError(f"MixedRoPE needs an even head_dim (channel pairs); got {head_dim}.")
         self.max_freq = float(max_freq)
         self.base = float(base)
         self.freqs = nn.Parameter(
@@ -543,28 +559,12 @@ class MixedRoPE(RotaryEncoding):
         with torch.no_grad():
             self.freqs.copy_(directions * mags)
 
-    def generators(self) -> Tensor:
-        """Dense skew-symmetric generators: ``R(p) = exp(sum_a p_a A_a)``.
-
-        Shape:
-            ``(num_heads, num_axes, head_dim, head_dim)``
-        """
-        return _rope_generators(self.freqs)
-
-    def _generator_norms(self, abs_positions: Tensor) -> Tensor:
-        return F.rope_angles(abs_positions, self.freqs.detach().double().abs())
+    def _frequency_table(self) -> Tensor:
+        return self.freqs
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         _check_checkpoint_shape(self, state_dict, prefix + "freqs", self.freqs, args[-1])
         super()._load_from_state_dict(state_dict, prefix, *args)
-
-    def _rotations(self, positions: Tensor) -> Rotation:
-        angles = F.rope_angles(positions, self.freqs.to(positions.dtype))
-        return torch.cos(angles), torch.sin(angles)
-
-    def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:
-        cos, sin = rotation
-        return F.apply_rope(x, cos, sin)
 
     def extra_repr(self) -> str:
         return (
