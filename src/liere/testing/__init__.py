@@ -33,8 +33,6 @@ __all__ = [
     "assert_permutation_equivariant",
 ]
 
-Encoding = Callable[[Tensor, Tensor, Tensor], "tuple[Tensor, Tensor]"]
-
 
 def _attr(encoding: Any, name: str, default: Any) -> Any:
     return getattr(encoding, name, default)
@@ -235,10 +233,6 @@ def assert_uses_all_axes(
             )
 
 
-def _permute(x: Tensor, order: Tensor, dim: int) -> Tensor:
-    return x.index_select(dim, order)
-
-
 def permutation_equivariance_error(
     module: Callable[..., Tensor],
     x: Tensor,
@@ -273,10 +267,10 @@ def permutation_equivariance_error(
     pos_dim = positions.dim() - 2
     with torch.no_grad():
         out = module(x, positions)
-        moved = module(_permute(x, full, 1), _permute(positions, perm, pos_dim))
-        positions_only = module(x, _permute(positions, perm, pos_dim))
+        moved = module(x.index_select(1, full), positions.index_select(pos_dim, perm))
+        positions_only = module(x, positions.index_select(pos_dim, perm))
     scale = out.double().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-    equivariance = float((moved.double() - _permute(out, full, 1).double()).abs().max() / scale)
+    equivariance = float((moved.double() - out.index_select(1, full).double()).abs().max() / scale)
     effect = float((positions_only.double() - out.double()).abs().max() / scale)
     return equivariance, effect
 
