@@ -68,12 +68,15 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
 
 
 def median_ms(fn: Callable[[], object], reps: int = 15) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     for _ in range(3):
         fn()
     times = []
     for _ in range(reps):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
