@@ -439,3 +439,13 @@ def test_integer_positions_are_accepted_as_coordinates():
     out_int, _ = enc(q, q, torch.arange(5).unsqueeze(-1))
     out_float, _ = enc(q, q, torch.arange(5.0).unsqueeze(-1))
     assert torch.equal(out_int, out_float)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_rotate_single_tensor_equals_forward_q(encoding_name, chunk):
+    enc = make(encoding_name)
+    enc.max_tokens_per_chunk = chunk
+    q, k = randn(2, 2, 9, 16, seed=1), randn(2, 2, 9, 16, seed=2)
+    positions = grid_positions(3, 3)
+    q_out, _ = enc(q, k, positions)
+    torch.testing.assert_close(enc.rotate(q, positions), q_out, atol=1e-6, rtol=0)

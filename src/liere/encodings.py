@@ -114,46 +114,68 @@ class RotaryEncoding(nn.Module):
 
     # -- protocol ---------------------------------------------------------------------------
     def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        positions = self._check_inputs(q, k, positions)
+        q_out, k_out = self._encode(q, k, positions)
+        assert k_out is not None
+        return q_out, k_out
+
+    def _encode(
+        self, q: Tensor, k: Optional[Tensor], positions: Tensor
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """Validate, build the rotations once, rotate q (and k unless None)."""
+        positions = self._check_inputs(q, q if k is None else k, positions)
         if self.check_finite and not F.is_tracing() and not bool(torch.isfinite(positions).all()):
             raise ValueError(
                 f"{type(self).__name__}: positions contain NaN or Inf. Fix the data loader, or "
                 f"set encoding.check_finite = False to skip this check."
             )
-        dtype = F.compute_dtype(q.dtype, k.dtype)
+        dtype = F.compute_dtype(q.dtype, q.dtype if k is None else k.dtype)
         chunk = self.max_tokens_per_chunk
+        k_in = None if k is None else k.to(dtype)
         with _no_autocast(q.device.type):
             if chunk is not None and q.shape[2] > chunk and not self._has_frozen(positions, dtype):
-                q_out, k_out = self._chunked(q, k, positions, dtype, chunk)
+                q_out, k_out = self._chunked(q.to(dtype), k_in, positions.to(dtype), chunk)
             else:
                 rotation = self._rotations_for(positions, dtype)
-                q_out, k_out = self._rotate_pair(q.to(dtype), k.to(dtype), rotation)
-        return q_out.to(q.dtype), k_out.to(k.dtype)
+                q_out, k_out = self._apply_rotation(q.to(dtype), k_in, rotation)
+        return q_out.to(q.dtype), None if k is None or k_out is None else k_out.to(k.dtype)
 
-    def _rotate_chunk(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return self._rotate_pair(q, k, self._rotations(positions))
+    def _apply_rotation(
+        self, q: Tensor, k: Optional[Tensor], rotation: Rotation
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        if k is None:
+            return self._rotate(q, rotation), None
+        return self._rotate_pair(q, k, rotation)
+
+    def _rotate_chunk(
+        self, q: Tensor, k: Optional[Tensor], positions: Tensor
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        return self._apply_rotation(q, k, self._rotations(positions))
 
     def _chunked(
-        self, q: Tensor, k: Tensor, positions: Tensor, dtype: torch.dtype, chunk: int
-    ) -> tuple[Tensor, Tensor]:
+        self, q: Tensor, k: Optional[Tensor], positions: Tensor, chunk: int
+    ) -> tuple[Tensor, Optional[Tensor]]:
         """Note [chunking]: token chunks, each rotated and applied on its own."""
         from torch.utils.checkpoint import checkpoint
 
         needs_grad = torch.is_grad_enabled() and (
-            q.requires_grad or k.requires_grad or any(p.requires_grad for p in self.parameters())
+            q.requires_grad
+            or (k is not None and k.requires_grad)
+            or any(p.requires_grad for p in self.parameters())
         )
         q_parts, k_parts = [], []
         for start in range(0, q.shape[2], chunk):
             end = start + chunk
-            args = (q[:, :, start:end].to(dtype), k[:, :, start:end].to(dtype))
-            pos = positions[..., start:end, :].to(dtype)
+            q_c = q[:, :, start:end]
+            k_c = None if k is None else k[:, :, start:end]
+            pos = positions[..., start:end, :]
             if needs_grad:
-                out = checkpoint(self._rotate_chunk, *args, pos, use_reentrant=False)
+                out = checkpoint(self._rotate_chunk, q_c, k_c, pos, use_reentrant=False)
             else:
-                out = self._rotate_chunk(*args, pos)
+                out = self._rotate_chunk(q_c, k_c, pos)
             q_parts.append(out[0])
-            k_parts.append(out[1])
-        return torch.cat(q_parts, dim=2), torch.cat(k_parts, dim=2)
+            if out[1] is not None:
+                k_parts.append(out[1])
+        return torch.cat(q_parts, dim=2), torch.cat(k_parts, dim=2) if k_parts else None
 
     def _has_frozen(self, positions: Tensor, dtype: torch.dtype) -> bool:
         frozen = self._frozen
@@ -268,7 +290,7 @@ class RotaryEncoding(nn.Module):
         Shape:
             x ``(b, h, n, d)``, positions ``(n, a)`` or ``(b, n, a)`` -> ``(b, h, n, d)``
         """
-        return self(x, x, positions)[0]
+        return self._encode(x, None, positions)[0]
 
     def rotation_matrices(self, positions: Tensor) -> Tensor:
         """The dense rotations ``R(p)`` this encoding applies, for inspection and tests.
