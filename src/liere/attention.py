@@ -133,6 +133,10 @@ class RotaryAttention(nn.Module):
             )
         if p == 0:
             return self.pos_enc(q, k, positions)
+        if isinstance(self.pos_enc, RotaryEncoding):
+            # rotates around the prefix tokens without slicing and concatenating q and k
+            out: tuple[Tensor, Tensor] = self.pos_enc(q, k, positions, num_prefix_tokens=p)
+            return out
         q_rot, k_rot = self.pos_enc(q[:, :, p:], k[:, :, p:], positions)
         return (
             torch.cat((q[:, :, :p], q_rot), dim=2),

@@ -49,6 +49,11 @@ def _rope_magnitudes(count: int, max_freq: float, base: float) -> Tensor:
     return max_freq * base ** (-i / max(count, 1))
 
 
+def _with_prefix(x: Tensor, rotated: Tensor, p: int) -> Tensor:
+    """``rotated`` with ``x``'s first ``p`` tokens in front (dim 2)."""
+    return rotated if p == 0 else torch.cat((x[:, :, :p], rotated), dim=2)
+
+
 def _describe(module: nn.Module, shape: tuple[int, ...]) -> str:
     """The configuration a parameter shape implies."""
     if isinstance(module, LieRE):
@@ -113,16 +118,25 @@ class RotaryEncoding(nn.Module):
         self.max_tokens_per_chunk: Optional[int] = None
 
     # -- protocol ---------------------------------------------------------------------------
-    def forward(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        q_out, k_out = self._encode(q, k, positions)
+    def forward(
+        self, q: Tensor, k: Tensor, positions: Tensor, *, num_prefix_tokens: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """Rotate q and k by their tokens' positions.
+
+        ``num_prefix_tokens``: the first tokens of q and k (class, register or distillation
+        tokens) pass through unrotated and ``positions`` cover the rest; cheaper than slicing
+        and concatenating around the call.
+        """
+        q_out, k_out = self._encode(q, k, positions, num_prefix_tokens)
         assert k_out is not None
         return q_out, k_out
 
     def _encode(
-        self, q: Tensor, k: Optional[Tensor], positions: Tensor
+        self, q: Tensor, k: Optional[Tensor], positions: Tensor, num_prefix_tokens: int = 0
     ) -> tuple[Tensor, Optional[Tensor]]:
         """Validate, build the rotations once, rotate q (and k unless None)."""
-        positions = self._check_inputs(q, q if k is None else k, positions)
+        p = num_prefix_tokens
+        positions = self._check_inputs(q, q if k is None else k, positions, p)
         if self.check_finite and not F.is_tracing() and not bool(torch.isfinite(positions).all()):
             raise ValueError(
                 f"{type(self).__name__}: positions contain NaN or Inf. Fix the data loader, or "
@@ -130,21 +144,30 @@ class RotaryEncoding(nn.Module):
             )
         dtype = F.compute_dtype(q.dtype, q.dtype if k is None else k.dtype)
         chunk = self.max_tokens_per_chunk
+        q_in = q.to(dtype)
         k_in = None if k is None else k.to(dtype)
         with _no_autocast(q.device.type):
-            if chunk is not None and q.shape[2] > chunk and not self._has_frozen(positions, dtype):
-                q_out, k_out = self._chunked(q.to(dtype), k_in, positions.to(dtype), chunk)
+            if (
+                chunk is not None
+                and q.shape[2] - p > chunk
+                and not self._has_frozen(positions, dtype)
+            ):
+                k_rest = None if k_in is None else k_in[:, :, p:]
+                q_out, k_out = self._chunked(q_in[:, :, p:], k_rest, positions.to(dtype), chunk)
+                q_out = _with_prefix(q_in, q_out, p)
+                k_out = None if k_in is None or k_out is None else _with_prefix(k_in, k_out, p)
             else:
                 rotation = self._rotations_for(positions, dtype)
-                q_out, k_out = self._apply_rotation(q.to(dtype), k_in, rotation)
+                q_out, k_out = self._apply_rotation(q_in, k_in, rotation, p)
         return q_out.to(q.dtype), None if k is None or k_out is None else k_out.to(k.dtype)
 
     def _apply_rotation(
-        self, q: Tensor, k: Optional[Tensor], rotation: Rotation
+        self, q: Tensor, k: Optional[Tensor], rotation: Rotation, num_prefix_tokens: int = 0
     ) -> tuple[Tensor, Optional[Tensor]]:
+        p = num_prefix_tokens
         if k is None:
-            return self._rotate(q, rotation), None
-        return self._rotate_pair(q, k, rotation)
+            return _with_prefix(q, self._rotate(q[:, :, p:], rotation), p), None
+        return self._rotate_pair(q, k, rotation, p)
 
     def _rotate_chunk(
         self, q: Tensor, k: Optional[Tensor], positions: Tensor
@@ -337,13 +360,20 @@ class RotaryEncoding(nn.Module):
     def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _rotate_pair(self, q: Tensor, k: Tensor, rotation: Rotation) -> tuple[Tensor, Tensor]:
-        return self._rotate(q, rotation), self._rotate(k, rotation)
+    def _rotate_pair(
+        self, q: Tensor, k: Tensor, rotation: Rotation, num_prefix_tokens: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        p = num_prefix_tokens
+        q_rot, k_rot = self._rotate(q[:, :, p:], rotation), self._rotate(k[:, :, p:], rotation)
+        return _with_prefix(q, q_rot, p), _with_prefix(k, k_rot, p)
 
     # -- validation -------------------------------------------------------------------------
-    def _check_inputs(self, q: Tensor, k: Tensor, positions: Tensor) -> Tensor:
+    def _check_inputs(
+        self, q: Tensor, k: Tensor, positions: Tensor, num_prefix_tokens: int = 0
+    ) -> Tensor:
         name = type(self).__name__
         d = self.head_dim
+        p = num_prefix_tokens
         for label, t in (("q", q), ("k", k)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{name}: {label} must be a Tensor; got {type(t).__name__}.")
@@ -370,14 +400,20 @@ class RotaryEncoding(nn.Module):
                 f"{name}: positions must be a Tensor of coordinates, e.g. "
                 f"liere.grid_positions(...); got {type(positions).__name__}."
             )
-        b, n, a = q.shape[0], q.shape[2], self.num_axes
+        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= q.shape[2]:
+            raise ValueError(
+                f"{name}: num_prefix_tokens must be an integer in [0, {q.shape[2]}] (the tokens "
+                f"of q); got {p!r}."
+            )
+        b, n, a = q.shape[0], q.shape[2] - p, self.num_axes
         shared = positions.dim() == 2 and tuple(positions.shape) == (n, a)
         per_sample = positions.dim() == 3 and tuple(positions.shape) == (b, n, a)
         if not (shared or per_sample):
+            tokens = f"tokens - num_prefix_tokens = {q.shape[2]} - {p}" if p else "tokens"
             raise ValueError(
-                f"{name}: positions must have shape (tokens, num_axes) = ({n}, {a}) or "
-                f"(batch, tokens, num_axes) = ({b}, {n}, {a}) for q of shape {tuple(q.shape)}; "
-                f"got {tuple(positions.shape)}."
+                f"{name}: positions must have shape ({tokens}, num_axes) = ({n}, {a}) or "
+                f"(batch, {tokens}, num_axes) = ({b}, {n}, {a}) for q of shape "
+                f"{tuple(q.shape)}; got {tuple(positions.shape)}."
             )
         if positions.dtype == torch.bool or positions.is_complex():
             raise ValueError(
@@ -705,10 +741,12 @@ class LieRE(RotaryEncoding):
             return F.apply_rope(x, *rotation)
         return F.apply_blockwise(x, rotation)
 
-    def _rotate_pair(self, q: Tensor, k: Tensor, rotation: Rotation) -> tuple[Tensor, Tensor]:
+    def _rotate_pair(
+        self, q: Tensor, k: Tensor, rotation: Rotation, num_prefix_tokens: int = 0
+    ) -> tuple[Tensor, Tensor]:
         if isinstance(rotation, tuple):
-            return F.apply_rope(q, *rotation), F.apply_rope(k, *rotation)
-        return F.apply_blockwise_pair(q, k, rotation)
+            return super()._rotate_pair(q, k, rotation, num_prefix_tokens)
+        return F.apply_blockwise_pair(q, k, rotation, num_prefix_tokens=num_prefix_tokens)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         _check_checkpoint_shape(self, state_dict, prefix + "weight", self.weight, args[-1])

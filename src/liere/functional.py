@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -84,8 +84,124 @@ def block_generators(positions: Tensor, bases: Tensor) -> Tensor:
     return gen.unflatten(-1, (m, s, s))
 
 
-def _taylor_expm_squared(x: Tensor, squarings: int) -> Tensor:
-    """``T(X)^(2^squarings)`` with ``T`` the truncated Taylor series of exp; ``X`` already scaled.
+# Note [small-block layout]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~
+# Batched products of many tiny matrices are slow through BLAS: on a 2-core AVX-512 CPU,
+# torch.bmm of 9,408 8x8 matrices runs at about 9 GFLOP/s (most of the time is per-matrix
+# overhead). Blocks up to _ENTRY_MAJOR_MAX_BLOCK are therefore exponentiated "entry-major":
+# a batch is stored as (s, s, N), each matrix entry a contiguous row over the batch, and a
+# product C = A @ B is s fused multiply-adds over whole rows,
+# C[:, :] += A[:, j, None] * B[None, j, :] (j = 0..s-1): vectorised elementwise work with no
+# per-matrix cost. Transposes are free (swap the first two dims). Larger blocks use bmm.
+_ENTRY_MAJOR_MAX_BLOCK = 8
+
+
+def _entry_major_mm(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``a @ b`` for entry-major batches ``(s, s, N)``; with ``out``, ``out += a @ b``."""
+    size = a.shape[1]
+    start = 0
+    if out is None:
+        out = torch.mul(a[:, 0:1], b[0:1])
+        start = 1
+    for j in range(start, size):
+        out.addcmul_(a[:, j : j + 1], b[j : j + 1])
+    return out
+
+
+def _batch_mm(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """``a @ b`` for batch-major ``(N, s, s)``; with ``out``, ``out += a @ b``."""
+    return torch.bmm(a, b) if out is None else out.baddbmm_(a, b)
+
+
+class _TaylorExpm(torch.autograd.Function):
+    """``T(X)^(2^j)`` (Note [Taylor scaling and squaring]) with a hand-written backward.
+
+    Forward: powers ``X..X^k``, Paterson-Stockmeyer blocks, Horner in ``X^k``, ``j``
+    squarings. Backward walks the same steps in reverse, two products per forward product,
+    reusing the forward's intermediates and accumulating in place (autograd through the
+    same code allocates a fresh tensor for every partial product and is about 1.3x slower).
+    ``entry_major`` selects the layout (Note [small-block layout]).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, squarings: int, entry_major: bool) -> Tensor:
+        mm, tr, diag = _layout(entry_major)
+        k, chunks, _ = _TAYLOR[x.dtype]
+        powers = [x]
+        for _ in range(k - 1):
+            powers.append(mm(powers[-1], x))
+        blocks = []
+        for c in range(chunks):
+            first = c * k
+            block = powers[0] * (1.0 / math.factorial(first + 1))
+            for i in range(2, k):
+                block.add_(powers[i - 1], alpha=1.0 / math.factorial(first + i))
+            diag(block).add_(1.0 / math.factorial(first))
+            blocks.append(block)
+        horner = [blocks[-1]]
+        for c in reversed(range(chunks - 1)):
+            horner.append(mm(horner[-1], powers[-1], out=blocks[c]))
+        squares = [horner[-1]]
+        for _ in range(squarings):
+            squares.append(mm(squares[-1], squares[-1]))
+        ctx.save_for_backward(*powers, *horner[:-1], *squares[:-1])
+        ctx.layout = (entry_major, k, chunks, squarings)
+        return squares[-1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None]:
+        entry_major, k, chunks, squarings = ctx.layout
+        mm, tr, _ = _layout(entry_major)
+        saved = ctx.saved_tensors
+        powers, horner, squares = saved[:k], saved[k : k + chunks - 1], saved[k + chunks - 1 :]
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): recompute differentiably from the input
+            x = powers[0]
+            with torch.enable_grad():
+                out = _taylor_autograd(x.permute(2, 0, 1) if entry_major else x, squarings)
+                out = out.permute(1, 2, 0) if entry_major else out
+                (d_x,) = torch.autograd.grad(out, x, grad, create_graph=True)
+            return d_x, None, None
+        g = grad.contiguous()
+        for s in reversed(squares):  # S' = S @ S
+            g_next = mm(g, tr(s))
+            g = mm(tr(s), g, out=g_next)
+        # Horner: H_r = B_{chunks-1-r} + H_{r-1} @ X^k, and the result is H_{chunks-1}
+        d_top: Optional[Tensor] = None
+        d_blocks: list[Tensor] = [g] * chunks
+        for r in reversed(range(1, chunks)):
+            d_blocks[chunks - 1 - r] = g
+            d_top = mm(tr(horner[r - 1]), g, out=d_top)
+            g = mm(g, tr(powers[-1]))
+        d_blocks[chunks - 1] = g
+        # B_c = I / (ck)! + sum_{i<k} X^i / (ck+i)!
+        d_powers: list[Tensor] = []
+        for i in range(1, k):
+            acc = d_blocks[0] * (1.0 / math.factorial(i))
+            for c in range(1, chunks):
+                acc.add_(d_blocks[c], alpha=1.0 / math.factorial(c * k + i))
+            d_powers.append(acc)
+        d_powers.append(d_top if d_top is not None else torch.zeros_like(powers[-1]))
+        # X^(i+1) = X^i @ X
+        x_t = tr(powers[0])
+        d_x = d_powers[0]
+        for i in reversed(range(1, k)):
+            mm(tr(powers[i - 1]), d_powers[i], out=d_x)
+            mm(d_powers[i], x_t, out=d_powers[i - 1])
+        return d_x, None, None
+
+
+def _layout(entry_major: bool) -> tuple[Any, Any, Any]:
+    """(product, transpose, diagonal) for the entry-major ``(s, s, N)`` or batch-major
+    ``(N, s, s)`` layout."""
+    if entry_major:
+        return _entry_major_mm, (lambda t: t.transpose(0, 1)), (lambda t: t.diagonal(0, 0, 1))
+    return _batch_mm, (lambda t: t.mT), (lambda t: t.diagonal(0, -2, -1))
+
+
+def _taylor_autograd(x: Tensor, squarings: int) -> Tensor:
+    """The same series and squarings as ``_TaylorExpm`` in plain autograd ops (batch-major);
+    used for double backward.
 
     Shape:
         ``(N, s, s)`` -> ``(N, s, s)``
@@ -94,22 +210,29 @@ def _taylor_expm_squared(x: Tensor, squarings: int) -> Tensor:
     powers = [x]
     for _ in range(k - 1):
         powers.append(torch.bmm(powers[-1], x))
-    # Paterson-Stockmeyer: exp(X) ~ sum_c B_c X^(kc) with B_c = sum_{i<k} X^i / (ck+i)!,
-    # evaluated by Horner in X^k. B_c is built with in-place scaled adds (one memory pass per
-    # term) and each Horner step is one fused baddbmm: at small blocks and on CPUs with little
-    # memory bandwidth these passes cost as much as the products.
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
     result: Optional[Tensor] = None
     for c in reversed(range(chunks)):
-        first = c * k
-        block = powers[0] * (1.0 / math.factorial(first + 1))
-        for i in range(2, k):
-            block.add_(powers[i - 1], alpha=1.0 / math.factorial(first + i))
-        block.diagonal(dim1=-2, dim2=-1).add_(1.0 / math.factorial(first))
+        block = eye / math.factorial(c * k) + sum(
+            powers[i - 1] / math.factorial(c * k + i) for i in range(1, k)
+        )
         result = block if result is None else torch.baddbmm(block, result, powers[-1])
     assert result is not None
     for _ in range(squarings):
         result = torch.bmm(result, result)
     return result
+
+
+def _taylor_expm_squared(x: Tensor, squarings: int) -> Tensor:
+    """``T(X)^(2^squarings)`` with ``T`` the truncated Taylor series of exp; ``X`` already scaled.
+
+    Shape:
+        ``(N, s, s)`` -> ``(N, s, s)``
+    """
+    if x.shape[-1] <= _ENTRY_MAJOR_MAX_BLOCK:
+        out = _TaylorExpm.apply(x.permute(1, 2, 0).contiguous(), squarings, True)
+        return out.permute(2, 0, 1)
+    return _TaylorExpm.apply(x.contiguous(), squarings, False)
 
 
 # Note [extrapolation]: float32 rotations lose orthogonality in proportion to the generator
@@ -219,9 +342,21 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         norm = float(bound.amax()) if bound.numel() else 0.0
     squarings = squarings_for(norm, bases.dtype)
     _warn_if_inaccurate(norm, bases.dtype)
-    gen = block_generators(positions, bases * (2.0**-squarings) if squarings else bases)
-    out = _taylor_expm_squared(gen.reshape(-1, size, size), squarings)
-    return out.reshape(gen.shape)
+    scaled = bases * (2.0**-squarings) if squarings else bases
+    if size > _ENTRY_MAJOR_MAX_BLOCK:
+        gen = block_generators(positions, scaled)
+        out = _TaylorExpm.apply(gen.reshape(-1, size, size), squarings, False)
+        return out.view(gen.shape)
+    # Note [small-block layout]: build the generators entry-major directly,
+    # gen[i, j, .., h, n, m] = sum_a p[.., n, a] B[h, a, m, i, j]
+    entries = scaled.permute(3, 4, 0, 1, 2)  # (s, s, h, a, m)
+    if positions.dim() == 3:
+        gen = torch.matmul(positions.unsqueeze(-3), entries.unsqueeze(2))  # (s, s, b, h, n, m)
+    else:
+        gen = torch.matmul(positions, entries)  # (s, s, h, n, m)
+    out = _TaylorExpm.apply(gen.reshape(size, size, -1), squarings, True)
+    batch = gen.shape[2:]
+    return out.view(size, size, *batch).permute(*range(2, 2 + len(batch)), 0, 1).contiguous()
 
 
 def expm_skew_reference(gen: Tensor) -> Tensor:
@@ -274,39 +409,125 @@ def apply_blockwise(x: Tensor, rotations: Tensor) -> Tensor:
     return out.flatten(-2)
 
 
-def apply_blockwise_pair(q: Tensor, k: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor]:
-    """``apply_blockwise`` to q and k with one batched product (their columns side by side).
+def apply_blockwise_pair(
+    q: Tensor, k: Tensor, rotations: Tensor, *, num_prefix_tokens: int = 0
+) -> tuple[Tensor, Tensor]:
+    """``apply_blockwise`` to q and k at once; the first ``num_prefix_tokens`` tokens (class or
+    register tokens) pass through unrotated and ``rotations`` cover the rest.
 
-    With rotations shared by the batch, the GEMM is ``(s, s) @ (s, 2b)`` per (head, token,
-    block), or ``(s, s) @ (s, 2bh)`` when one rotation serves every head.
+    With rotations shared by the batch (the common case) this is one batched product
+    ``(2b, s) @ (s, s)`` per (head, token, block), q and k side by side (``(2bh, s)`` when one
+    rotation serves every head), with a hand-written backward (Note [blockwise application]).
 
     Shape:
-        q, k ``(b, h, n, d)`` (same shape and dtype); rotations as in ``apply_blockwise``
-        -> ``(b, h, n, d)`` each
+        q, k ``(b, h, p + n, d)`` (same shape and dtype); rotations ``(h | 1, n, m, s, s)`` or
+        ``(b, h | 1, n, m, s, s)`` -> ``(b, h, p + n, d)`` each
     """
-    if q.shape != k.shape or q.dtype != k.dtype:
-        return apply_blockwise(q, rotations), apply_blockwise(k, rotations)
-    b, h, n, d = q.shape
-    m, s = rotations.shape[-3], rotations.shape[-1]
-    if rotations.dim() == 6:
-        # per sample: (b, h', n, m, s, s) @ (b, h, n, m, s, 2)
-        x = torch.stack((q.unflatten(-1, (m, s)), k.unflatten(-1, (m, s))), dim=-1)
-        out = torch.matmul(rotations, x)
-        return out[..., 0].flatten(-2), out[..., 1].flatten(-2)
-    if rotations.shape[0] == 1:
-        # one rotation for every head: columns are (q|k, batch, head)
-        xq = q.unflatten(-1, (m, s)).permute(2, 3, 4, 0, 1)  # n m s b h
-        xk = k.unflatten(-1, (m, s)).permute(2, 3, 4, 0, 1)
-        x = torch.stack((xq, xk), dim=3).reshape(n * m, s, 2 * b * h)
-        out = torch.bmm(rotations.reshape(n * m, s, s), x).view(n, m, s, 2, b, h)
-        out = out.permute(3, 4, 5, 0, 1, 2)  # 2 b h n m s
-    else:
-        xq = q.unflatten(-1, (m, s)).permute(1, 2, 3, 4, 0)  # h n m s b
-        xk = k.unflatten(-1, (m, s)).permute(1, 2, 3, 4, 0)
-        x = torch.cat((xq, xk), dim=-1).reshape(h * n * m, s, 2 * b)
-        out = torch.bmm(rotations.reshape(h * n * m, s, s), x).view(h, n, m, s, 2, b)
-        out = out.permute(4, 5, 0, 1, 2, 3)  # 2 b h n m s
-    return out[0].reshape(b, h, n, d), out[1].reshape(b, h, n, d)
+    p = num_prefix_tokens
+    fast = rotations.dim() == 5 and q.shape == k.shape and q.dtype == k.dtype == rotations.dtype
+    if fast and not is_tracing():
+        if q.shape[1] % rotations.shape[0] == 0 and q.shape[2] - p == rotations.shape[1]:
+            out: tuple[Tensor, Tensor] = _BlockwisePair.apply(q, k, rotations, p)
+            return out
+    q_rot, k_rot = apply_blockwise(q[:, :, p:], rotations), apply_blockwise(k[:, :, p:], rotations)
+    if p == 0:
+        return q_rot, k_rot
+    return torch.cat((q[:, :, :p], q_rot), dim=2), torch.cat((k[:, :, :p], k_rot), dim=2)
+
+
+# Note [blockwise application]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# bmm needs one uniform batch stride, which (head, token, block) slices of q and k never have,
+# so the rotated part of q and k is gathered once into X of shape (P, C, s), P = (head, token,
+# block) and C = (q|k, batch, heads sharing the rotation), and multiplied by R^T:
+#   forward   Y = X @ R^T                 (P, C, s) @ (P, s, s)
+#   backward  dX = dY @ R,  dR^T = X^T @ dY
+# Outputs and input gradients are written straight into fresh (b, h, p + n, d) tensors,
+# prefix tokens copied alongside, so no cat, slice-backward zero fill or select-backward
+# zero fill is left for autograd. Every bmm operand is a contiguous matrix or the transpose
+# of one: anything else makes ATen fall back to a per-matrix loop, ~50x slower here.
+
+
+def _gather_blocks(x: Tensor, out: Tensor, p: int) -> None:
+    """Copy ``x[:, :, p:]`` ``(b, h, n, m*s)`` into ``out`` ``(h', n, m, b, h/h', s)``."""
+    hr, n, m, b, hc, s = out.shape
+    src = x[:, :, p:].unflatten(1, (hr, hc)).unflatten(-1, (m, s))  # b h' hc n m s
+    out.copy_(src.permute(1, 3, 4, 0, 2, 5))
+
+
+def _scatter_blocks(blocks: Tensor, prefix_src: Tensor, p: int) -> Tensor:
+    """A fresh ``(b, h, p + n, d)`` tensor: prefix tokens from ``prefix_src``, the rest from
+    ``blocks`` ``(h', n, m, b, h/h', s)``."""
+    hr, n, m, b, hc, s = blocks.shape
+    out = blocks.new_empty(b, hr * hc, p + n, m * s)
+    if p:
+        out[:, :, :p].copy_(prefix_src[:, :, :p])
+    dst = out[:, :, p:].unflatten(1, (hr, hc)).unflatten(-1, (m, s))
+    dst.copy_(blocks.permute(3, 0, 4, 1, 2, 5))
+    return out
+
+
+class _BlockwisePair(torch.autograd.Function):
+    """Note [blockwise application]."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, rotations: Tensor, p: int) -> tuple[Tensor, Tensor]:
+        b, h, _, d = q.shape
+        hr, n, m, s, _ = rotations.shape
+        hc = h // hr
+        x = q.new_empty(hr, n, m, 2, b, hc, s)
+        _gather_blocks(q, x[:, :, :, 0], p)
+        _gather_blocks(k, x[:, :, :, 1], p)
+        rot = rotations.reshape(-1, s, s)
+        y = torch.bmm(x.view(rot.shape[0], -1, s), rot.mT.contiguous()).view(x.shape)
+        # q and k are saved for double backward only: views of tensors autograd keeps anyway
+        ctx.save_for_backward(
+            x if ctx.needs_input_grad[2] else None,
+            rotations if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None,
+            q,
+            k,
+            rotations,
+        )
+        ctx.p = p
+        return _scatter_blocks(y[:, :, :, 0], q, p), _scatter_blocks(y[:, :, :, 1], k, p)
+
+    @staticmethod
+    def backward(
+        ctx: Any, grad_q: Tensor, grad_k: Tensor
+    ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], None]:
+        x, rotations, q, k, rot_in = ctx.saved_tensors
+        p = ctx.p
+        if torch.is_grad_enabled():
+            # create_graph=True (double backward): recompute differentiably
+            inputs = [t for t in (q, k, rot_in) if t.requires_grad]
+            with torch.enable_grad():
+                q_rot, k_rot = (
+                    apply_blockwise(q[:, :, p:], rot_in),
+                    apply_blockwise(k[:, :, p:], rot_in),
+                )
+                outs = (torch.cat((q[:, :, :p], q_rot), 2), torch.cat((k[:, :, :p], k_rot), 2))
+                grads = iter(torch.autograd.grad(outs, inputs, (grad_q, grad_k), create_graph=True))
+            d_q, d_k, d_r = (next(grads) if t.requires_grad else None for t in (q, k, rot_in))
+            return d_q, d_k, d_r, None
+        shape = x.shape if x is not None else None
+        if shape is None:
+            hr, n, m, s, _ = rotations.shape
+            shape = torch.Size((hr, n, m, 2, grad_q.shape[0], grad_q.shape[1] // hr, s))
+        s = shape[-1]
+        g = grad_q.new_empty(shape)
+        _gather_blocks(grad_q, g[:, :, :, 0], p)
+        _gather_blocks(grad_k, g[:, :, :, 1], p)
+        count = shape[0] * shape[1] * shape[2]
+        g_flat = g.view(count, -1, s)
+        d_rot = None
+        if x is not None:
+            d_rot = torch.bmm(x.view(count, -1, s).mT, g_flat).mT.reshape(shape[:3] + (s, s))
+        d_q = d_k = None
+        if rotations is not None:
+            d_x = torch.bmm(g_flat, rotations.reshape(count, s, s).contiguous()).view(shape)
+            d_q = _scatter_blocks(d_x[:, :, :, 0], grad_q, p)
+            d_k = _scatter_blocks(d_x[:, :, :, 1], grad_k, p)
+        return d_q, d_k, d_rot, None
 
 
 def rope_angles(positions: Tensor, freqs: Tensor) -> Tensor:

@@ -1,0 +1,187 @@
+"""The hand-written kernels of the fast path against plain autograd: the Taylor exponential in
+both layouts (Note [small-block layout]) and the blockwise application with prefix tokens
+(Note [blockwise application])."""
+
+import math
+
+import pytest
+import torch
+from conftest import randn
+
+from liere import LieRE, RotaryAttention, grid_positions
+from liere import functional as F
+
+
+def taylor_autograd(x, squarings):
+    """The plain series sum_i X^i / i! (degree as the fast path) and j squarings, autograd."""
+    k, chunks, _ = F._TAYLOR[x.dtype]
+    eye = torch.eye(x.shape[-1], dtype=x.dtype).expand_as(x)
+    term, total = eye, eye
+    for i in range(1, k * chunks):
+        term = term @ x / i
+        total = total + term
+    for _ in range(squarings):
+        total = total @ total
+    return total
+
+
+def skew(count, size, norm, seed, dtype=torch.float64):
+    a = randn(count, size, size, seed=seed, dtype=dtype)
+    a = a - a.mT
+    return a * (norm / torch.linalg.matrix_norm(a, ord=2).amax(-1)[..., None, None])
+
+
+@pytest.mark.parametrize("size", [3, 8, 12])  # 3, 8: entry-major layout; 12: batch-major
+@pytest.mark.parametrize("squarings", [0, 1, 3])
+def test_taylor_backward_matches_autograd(size, squarings):
+    x = skew(7, size, 1.0, seed=size).requires_grad_(True)
+    upstream = randn(7, size, size, seed=1, dtype=torch.float64)
+    fast = F._taylor_expm_squared(x, squarings)
+    (g_fast,) = torch.autograd.grad((fast * upstream).sum(), x)
+    ref = taylor_autograd(x, squarings)
+    (g_ref,) = torch.autograd.grad((ref * upstream).sum(), x)
+    torch.testing.assert_close(fast, ref, atol=1e-13, rtol=0)
+    torch.testing.assert_close(g_fast, g_ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("size", [4, 12])
+def test_lie_rotations_gradcheck_both_layouts(size):
+    bases = skew(2 * 2, size, 0.7, seed=size).view(1, 2, 2, size, size).requires_grad_(True)
+    positions = randn(3, 2, seed=2, dtype=torch.float64).requires_grad_(True)
+    assert torch.autograd.gradcheck(F.lie_rotations, (positions, bases))
+
+
+def test_lie_rotations_per_sample_positions_match_shared():
+    bases = skew(2 * 2 * 2, 8, 1.0, seed=0, dtype=torch.float32).view(2, 2, 2, 8, 8)
+    positions = grid_positions(3, 3) * 3
+    per_sample = F.lie_rotations(positions.expand(2, 9, 2), bases)
+    torch.testing.assert_close(per_sample[1], F.lie_rotations(positions, bases))
+
+
+@pytest.mark.parametrize("size", [4, 12])
+def test_taylor_double_backward_matches_autograd(size):
+    # create_graph=True recomputes through plain autograd ops: second derivatives are exact
+    x = skew(3, size, 1.0, seed=0).requires_grad_(True)
+    up = randn(3, size, size, seed=1, dtype=torch.float64)
+    results = []
+    for fn in (F._taylor_expm_squared, taylor_autograd):
+        (g,) = torch.autograd.grad((fn(x, 2) * up).sum(), x, create_graph=True)
+        results.append(torch.autograd.grad((g * g).sum(), x)[0])
+    torch.testing.assert_close(results[0], results[1], atol=1e-10, rtol=0)
+
+
+# -- blockwise application -----------------------------------------------------------------
+
+
+def pair_reference(q, k, rot, p):
+    """Slice, rotate with the plain einsum path, concatenate (all autograd)."""
+    q_rot, k_rot = F.apply_blockwise(q[:, :, p:], rot), F.apply_blockwise(k[:, :, p:], rot)
+    return torch.cat((q[:, :, :p], q_rot), 2), torch.cat((k[:, :, :p], k_rot), 2)
+
+
+@pytest.mark.parametrize("rot_heads", [1, 3])
+@pytest.mark.parametrize("prefix", [0, 2])
+def test_pair_application_with_prefix_matches_reference(rot_heads, prefix):
+    b, h, n, m, s = 2, 3, 5, 2, 4
+    q = randn(b, h, prefix + n, m * s, seed=1).requires_grad_(True)
+    k = randn(b, h, prefix + n, m * s, seed=2).requires_grad_(True)
+    rot = randn(rot_heads, n, m, s, s, seed=3).requires_grad_(True)
+    up_q, up_k = randn(*q.shape, seed=4), randn(*q.shape, seed=5)
+    results = []
+    for fn in (
+        lambda: F.apply_blockwise_pair(q, k, rot, num_prefix_tokens=prefix),
+        lambda: pair_reference(q, k, rot, prefix),
+    ):
+        q_out, k_out = fn()
+        loss = (q_out * up_q).sum() + (k_out * up_k).sum()
+        results.append((q_out, k_out, *torch.autograd.grad(loss, (q, k, rot))))
+    for fast, ref in zip(*results):
+        torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(results[0][0][:, :, :prefix], q[:, :, :prefix])
+
+
+def test_pair_application_gradcheck_with_prefix():
+    q = randn(2, 2, 4, 8, seed=1, dtype=torch.float64).requires_grad_(True)
+    k = randn(2, 2, 4, 8, seed=2, dtype=torch.float64).requires_grad_(True)
+    rot = randn(2, 3, 2, 4, 4, seed=3, dtype=torch.float64).requires_grad_(True)
+
+    def fn(q, k, rot):
+        return F.apply_blockwise_pair(q, k, rot, num_prefix_tokens=1)
+
+    assert torch.autograd.gradcheck(fn, (q, k, rot))
+    assert torch.autograd.gradgradcheck(fn, (q, k, rot))
+
+
+def test_pair_application_accepts_strided_inputs():
+    # q and k as RotaryAttention makes them: views into one qkv tensor
+    qkv = randn(2, 6, 3, 2, 8, seed=0)  # (b, tokens, three, heads, d)
+    q, k = qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+    rot = randn(2, 5, 2, 4, 4, seed=1)
+    for fast, ref in zip(
+        F.apply_blockwise_pair(q, k, rot, num_prefix_tokens=1), pair_reference(q, k, rot, 1)
+    ):
+        torch.testing.assert_close(fast, ref)
+
+
+# -- encodings with prefix tokens ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", [2, 8])
+def test_encoding_prefix_tokens_equal_slicing(block):
+    torch.manual_seed(0)
+    enc = LieRE(16, 2, num_heads=2, block_size=block)
+    q, k = randn(2, 2, 10, 16, seed=1), randn(2, 2, 10, 16, seed=2)
+    positions = grid_positions(3, 3)
+    q_out, k_out = enc(q, k, positions, num_prefix_tokens=1)
+    q_ref, k_ref = enc(q[:, :, 1:], k[:, :, 1:], positions)
+    torch.testing.assert_close(q_out[:, :, 1:], q_ref)
+    torch.testing.assert_close(k_out[:, :, 1:], k_ref)
+    assert torch.equal(q_out[:, :, :1], q[:, :, :1]) and torch.equal(k_out[:, :, :1], k[:, :, :1])
+
+
+def test_encoding_prefix_tokens_with_chunking():
+    torch.manual_seed(0)
+    enc = LieRE(16, 2, num_heads=2, block_size=4)
+    q, k = randn(1, 2, 10, 16, seed=1), randn(1, 2, 10, 16, seed=2)
+    positions = grid_positions(3, 3)
+    whole = enc(q, k, positions, num_prefix_tokens=1)
+    enc.max_tokens_per_chunk = 4
+    chunked = enc(q, k, positions, num_prefix_tokens=1)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("bad", [-1, 11, 1.0, True])
+def test_encoding_rejects_bad_prefix_count(bad):
+    enc = LieRE(16, 2, num_heads=2, block_size=4)
+    q = randn(1, 2, 10, 16, seed=1)
+    with pytest.raises(ValueError, match="num_prefix_tokens must be an integer in"):
+        enc(q, q, grid_positions(3, 3), num_prefix_tokens=bad)
+
+
+def test_encoding_prefix_count_mismatch_names_the_prefix():
+    enc = LieRE(16, 2, num_heads=2, block_size=4)
+    q = randn(1, 2, 10, 16, seed=1)
+    with pytest.raises(ValueError, match=r"tokens - num_prefix_tokens = 10 - 2"):
+        enc(q, q, grid_positions(3, 3), num_prefix_tokens=2)
+
+
+def test_attention_prefix_path_matches_manual_slicing():
+    torch.manual_seed(0)
+    layer = RotaryAttention(32, 2, pos_enc=LieRE(16, 2, num_heads=2), num_prefix_tokens=1)
+    x = randn(2, 10, 32, seed=1)
+    positions = grid_positions(3, 3)
+    q, k, v = layer.qkv(x).view(2, 10, 3, 2, 16).permute(2, 0, 3, 1, 4)
+    q_rot, k_rot = layer.pos_enc(q[:, :, 1:], k[:, :, 1:], positions)
+    q, k = torch.cat((q[:, :, :1], q_rot), 2), torch.cat((k[:, :, :1], k_rot), 2)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    expected = layer.proj(out.transpose(1, 2).reshape(2, 10, 32))
+    torch.testing.assert_close(layer(x, positions), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_taylor_degree_table_is_accurate():
+    # the fast path's degree: truncation theta^(deg+1)/(deg+1)! under the unit roundoff
+    for dtype, (k, chunks, theta) in F._TAYLOR.items():
+        degree = k * chunks - 1
+        bound = theta ** (degree + 1) / math.factorial(degree + 1)
+        assert bound <= torch.finfo(dtype).eps
