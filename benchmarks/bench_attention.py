@@ -11,8 +11,9 @@ forward, counted once per storage), ``peak MB`` the CUDA allocator's peak when o
 
 Floor (LieRE cases with blocks > 2): the batched products the exponential and the blockwise
 application need (forward; backward costs two per forward product), times the time of one such
-product measured in this run, added to the layer without encoding: the best ratio this
-algorithm can reach on this machine, whatever else is optimised.
+product measured in this run (the faster of torch.bmm and the entry-major kernel the fast path
+uses for blocks <= 8), added to the layer without encoding: the best ratio this algorithm can
+reach on this machine, whatever else is optimised.
 
 Case names: ``liere8`` per-head generators with 8x8 blocks (the paper's LieRE_8), ``liere64``
 dense, ``liere8-shared`` one set shared by all heads (``num_heads=1``, the constructor's
@@ -98,10 +99,12 @@ def floor_ms(
     count = enc.num_heads * n * enc.num_blocks
     a = torch.randn(count, s, s, device=positions.device)
     t_exp = median_ms(lambda: torch.bmm(a, a))
-    heads = layer.num_heads
-    cols = 2 * batch * (heads // enc.num_heads)
-    x = torch.randn(count, s, cols, device=positions.device)
-    t_app = median_ms(lambda: torch.bmm(a, x))
+    if s <= F._ENTRY_MAJOR_MAX_BLOCK:  # the faster of the two product kernels
+        e = a.permute(1, 2, 0).contiguous()
+        t_exp = min(t_exp, median_ms(lambda: F._entry_major_mm(e, e)))
+    cols = 2 * batch * (layer.num_heads // enc.num_heads)
+    x = torch.randn(count, cols, s, device=positions.device)
+    t_app = median_ms(lambda: torch.bmm(x, a))
     factor = 3 if train else 1
     return factor * (products * t_exp + t_app)
 
@@ -124,7 +127,7 @@ def main() -> None:
         default=["train", "eval", "eval-cached"],
         choices=["train", "eval", "eval-cached"],
     )
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (median)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median)")
     parser.add_argument("--grid", type=int, default=14, help="patches per side")
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--heads", type=int, default=6)

@@ -44,6 +44,18 @@ def test_taylor_backward_matches_autograd(size, squarings):
     torch.testing.assert_close(g_fast, g_ref, atol=1e-12, rtol=0)
 
 
+def test_entry_major_product_in_row_chunks(monkeypatch):
+    a, b = randn(8, 8, 23, seed=1), randn(8, 8, 23, seed=2)
+    whole = F._entry_major_mm(a, b)
+    monkeypatch.setattr(F, "_ENTRY_MAJOR_CHUNK", 5)  # 23 = 4 chunks of 5 + 3
+    chunked = F._entry_major_mm(a, b)
+    ref = torch.bmm(a.permute(2, 0, 1), b.permute(2, 0, 1)).permute(1, 2, 0)
+    torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
+    torch.testing.assert_close(chunked, ref, atol=1e-5, rtol=1e-5)
+    acc = whole.clone()
+    torch.testing.assert_close(F._entry_major_mm(a, b, out=acc), 2 * whole)
+
+
 @pytest.mark.parametrize("size", [4, 12])
 def test_lie_rotations_gradcheck_both_layouts(size):
     bases = skew(2 * 2, size, 0.7, seed=size).view(1, 2, 2, size, size).requires_grad_(True)

@@ -96,99 +96,169 @@ def block_generators(positions: Tensor, bases: Tensor) -> Tensor:
 _ENTRY_MAJOR_MAX_BLOCK = 8
 
 
-def _entry_major_mm(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """``a @ b`` for entry-major batches ``(s, s, N)``; with ``out``, ``out += a @ b``."""
-    size = a.shape[1]
-    start = 0
+# Rows of this many matrices at a time keep the accumulator of an entry-major product in
+# cache (8x8: 4 MB); one pass over a 100 MB accumulator is memory-bound and ~5x slower.
+_ENTRY_MAJOR_CHUNK = 16384
+
+
+def _entry_major_mm(
+    a: Tensor, b: Tensor, out: Optional[Tensor] = None, accumulate: bool = True
+) -> Tensor:
+    """``a @ b`` for entry-major batches ``(s, s, N)``, into ``out`` if given (``out +=`` when
+    ``accumulate``)."""
+    size, count = a.shape[1], a.shape[-1]
+    add = out is not None and accumulate
     if out is None:
-        out = torch.mul(a[:, 0:1], b[0:1])
-        start = 1
-    for j in range(start, size):
-        out.addcmul_(a[:, j : j + 1], b[j : j + 1])
+        out = a.new_empty(a.shape[0], b.shape[1], count)
+    for lo in range(0, count, _ENTRY_MAJOR_CHUNK):
+        hi = min(lo + _ENTRY_MAJOR_CHUNK, count)
+        o, a_c, b_c = out[..., lo:hi], a[..., lo:hi], b[..., lo:hi]
+        start = 0
+        if not add:
+            torch.mul(a_c[:, 0:1], b_c[0:1], out=o)
+            start = 1
+        for j in range(start, size):
+            o.addcmul_(a_c[:, j : j + 1], b_c[j : j + 1])
     return out
 
 
-def _batch_mm(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """``a @ b`` for batch-major ``(N, s, s)``; with ``out``, ``out += a @ b``."""
-    return torch.bmm(a, b) if out is None else out.baddbmm_(a, b)
+def _batch_mm(
+    a: Tensor, b: Tensor, out: Optional[Tensor] = None, accumulate: bool = True
+) -> Tensor:
+    """``a @ b`` for batch-major ``(N, s, s)``, into ``out`` if given (``out +=`` when
+    ``accumulate``)."""
+    if out is None:
+        return torch.bmm(a, b)
+    return out.baddbmm_(a, b) if accumulate else torch.bmm(a, b, out=out)
 
 
-class _TaylorExpm(torch.autograd.Function):
-    """``T(X)^(2^j)`` (Note [Taylor scaling and squaring]) with a hand-written backward.
+def _taylor_series(x: Tensor, entry_major: bool, keep: bool) -> tuple[list[Tensor], list[Tensor]]:
+    """Powers ``X..X^k`` and Horner steps of the Paterson-Stockmeyer series; the last Horner
+    step is ``T(X)``. With ``keep=False`` only ``[T(X)]`` comes back (intermediates dropped
+    as soon as possible)."""
+    mm, _, diag = _layout(entry_major)
+    k, chunks, _ = _TAYLOR[x.dtype]
+    powers = [x]
+    for _ in range(k - 1):
+        powers.append(mm(powers[-1], x))
+    blocks = []
+    for c in range(chunks):
+        first = c * k
+        block = powers[0] * (1.0 / math.factorial(first + 1))
+        for i in range(2, k):
+            block.add_(powers[i - 1], alpha=1.0 / math.factorial(first + i))
+        diag(block).add_(1.0 / math.factorial(first))
+        blocks.append(block)
+    top = powers[-1]
+    if not keep:
+        powers = []
+    horner = [blocks.pop()]
+    while blocks:
+        horner.append(mm(horner[-1], top, out=blocks.pop()))
+        if not keep:
+            horner = horner[-1:]
+    return powers, horner
 
-    Forward: powers ``X..X^k``, Paterson-Stockmeyer blocks, Horner in ``X^k``, ``j``
-    squarings. Backward walks the same steps in reverse, two products per forward product,
-    reusing the forward's intermediates and accumulating in place (autograd through the
-    same code allocates a fresh tensor for every partial product and is about 1.3x slower).
-    ``entry_major`` selects the layout (Note [small-block layout]).
-    """
+
+def _as_batch_major(t: Tensor, entry_major: bool) -> Tensor:
+    return t.permute(2, 0, 1) if entry_major else t
+
+
+class _TaylorSeries(torch.autograd.Function):
+    """``T(X)``, the truncated Taylor series of exp (Note [Taylor scaling and squaring]), with
+    a hand-written backward: the steps in reverse, two products per forward product,
+    accumulating in place (autograd through the same code allocates a fresh tensor for every
+    partial product). ``entry_major`` selects the layout (Note [small-block layout]).
+    The series and the squarings are two Functions so that autograd frees the squarings'
+    saved batches before the series' backward allocates its own."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, squarings: int, entry_major: bool) -> Tensor:
-        mm, tr, diag = _layout(entry_major)
+    def forward(ctx: Any, x: Tensor, entry_major: bool) -> Tensor:
+        keep = ctx.needs_input_grad[0]
+        powers, horner = _taylor_series(x, entry_major, keep)
+        if keep:
+            ctx.save_for_backward(*powers, *horner[:-1])
+        ctx.entry_major = entry_major
+        return horner[-1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None]:
+        entry_major = ctx.entry_major
+        mm, tr, _ = _layout(entry_major)
+        saved = ctx.saved_tensors
+        x = saved[0]
         k, chunks, _ = _TAYLOR[x.dtype]
-        powers = [x]
-        for _ in range(k - 1):
-            powers.append(mm(powers[-1], x))
-        blocks = []
-        for c in range(chunks):
-            first = c * k
-            block = powers[0] * (1.0 / math.factorial(first + 1))
-            for i in range(2, k):
-                block.add_(powers[i - 1], alpha=1.0 / math.factorial(first + i))
-            diag(block).add_(1.0 / math.factorial(first))
-            blocks.append(block)
-        horner = [blocks[-1]]
-        for c in reversed(range(chunks - 1)):
-            horner.append(mm(horner[-1], powers[-1], out=blocks[c]))
-        squares = [horner[-1]]
+        if torch.is_grad_enabled():  # create_graph=True: recompute differentiably
+            with torch.enable_grad():
+                out = _taylor_autograd(_as_batch_major(x, entry_major), 0)
+                out = out.permute(1, 2, 0) if entry_major else out
+                (d_x,) = torch.autograd.grad(out, x, grad, create_graph=True)
+            return d_x, None
+        powers, horner = saved[:k], saved[k:]
+        # H_r = B_{chunks-1-r} + H_{r-1} @ X^k;  B_c = I/(ck)! + sum_{i<k} X^i/(ck+i)!
+        d_powers: list[Optional[Tensor]] = [None] * k
+
+        def add_block_grad(c: int, d_block: Tensor) -> None:
+            for i in range(1, k):
+                coef = 1.0 / math.factorial(c * k + i)
+                acc = d_powers[i - 1]
+                d_powers[i - 1] = d_block * coef if acc is None else acc.add_(d_block, alpha=coef)
+
+        g = grad.contiguous()
+        for r in reversed(range(1, chunks)):
+            add_block_grad(chunks - 1 - r, g)
+            d_powers[k - 1] = mm(tr(horner[r - 1]), g, out=d_powers[k - 1])
+            g = mm(g, tr(powers[-1]))
+        add_block_grad(chunks - 1, g)
+        # X^(i+1) = X^i @ X
+        d_x = d_powers[0]
+        assert d_x is not None
+        for i in reversed(range(1, k)):
+            d_next = d_powers[i]
+            if d_next is not None:  # d_powers[0] is d_x
+                mm(tr(powers[i - 1]), d_next, out=d_x)
+                mm(d_next, tr(x), out=d_powers[i - 1])
+        return d_x, None
+
+
+class _Squarings(torch.autograd.Function):
+    """``T^(2^j)`` by ``j`` squarings; backward ``G <- G S^T + S^T G`` per squaring, in two
+    reused buffers (see ``_TaylorSeries``)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor, squarings: int, entry_major: bool) -> Tensor:
+        mm, _, _ = _layout(entry_major)
+        keep = ctx.needs_input_grad[0]
+        squares = [t]
         for _ in range(squarings):
             squares.append(mm(squares[-1], squares[-1]))
-        ctx.save_for_backward(*powers, *horner[:-1], *squares[:-1])
-        ctx.layout = (entry_major, k, chunks, squarings)
+            if not keep:
+                squares = squares[-1:]
+        if keep:
+            ctx.save_for_backward(*squares[:-1])
+        ctx.layout = (squarings, entry_major)
         return squares[-1]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None]:
-        entry_major, k, chunks, squarings = ctx.layout
+        squarings, entry_major = ctx.layout
         mm, tr, _ = _layout(entry_major)
-        saved = ctx.saved_tensors
-        powers, horner, squares = saved[:k], saved[k : k + chunks - 1], saved[k + chunks - 1 :]
-        if torch.is_grad_enabled():
-            # create_graph=True (double backward): recompute differentiably from the input
-            x = powers[0]
+        squares = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: recompute differentiably
+            t = squares[0]
             with torch.enable_grad():
-                out = _taylor_autograd(x.permute(2, 0, 1) if entry_major else x, squarings)
+                out = _as_batch_major(t, entry_major)
+                for _ in range(squarings):
+                    out = torch.bmm(out, out)
                 out = out.permute(1, 2, 0) if entry_major else out
-                (d_x,) = torch.autograd.grad(out, x, grad, create_graph=True)
-            return d_x, None, None
+                (d_t,) = torch.autograd.grad(out, t, grad, create_graph=True)
+            return d_t, None, None
         g = grad.contiguous()
-        for s in reversed(squares):  # S' = S @ S
-            g_next = mm(g, tr(s))
-            g = mm(tr(s), g, out=g_next)
-        # Horner: H_r = B_{chunks-1-r} + H_{r-1} @ X^k, and the result is H_{chunks-1}
-        d_top: Optional[Tensor] = None
-        d_blocks: list[Tensor] = [g] * chunks
-        for r in reversed(range(1, chunks)):
-            d_blocks[chunks - 1 - r] = g
-            d_top = mm(tr(horner[r - 1]), g, out=d_top)
-            g = mm(g, tr(powers[-1]))
-        d_blocks[chunks - 1] = g
-        # B_c = I / (ck)! + sum_{i<k} X^i / (ck+i)!
-        d_powers: list[Tensor] = []
-        for i in range(1, k):
-            acc = d_blocks[0] * (1.0 / math.factorial(i))
-            for c in range(1, chunks):
-                acc.add_(d_blocks[c], alpha=1.0 / math.factorial(c * k + i))
-            d_powers.append(acc)
-        d_powers.append(d_top if d_top is not None else torch.zeros_like(powers[-1]))
-        # X^(i+1) = X^i @ X
-        x_t = tr(powers[0])
-        d_x = d_powers[0]
-        for i in reversed(range(1, k)):
-            mm(tr(powers[i - 1]), d_powers[i], out=d_x)
-            mm(d_powers[i], x_t, out=d_powers[i - 1])
-        return d_x, None, None
+        buffers: list[Optional[Tensor]] = [None, None]  # ping-pong: g lives in one of them
+        for step, s in enumerate(reversed(squares)):  # S' = S @ S
+            out = mm(g, tr(s), out=buffers[step % 2], accumulate=False)
+            g = buffers[step % 2] = mm(tr(s), g, out=out)
+        return g, None, None
 
 
 def _layout(entry_major: bool) -> tuple[Any, Any, Any]:
@@ -200,8 +270,8 @@ def _layout(entry_major: bool) -> tuple[Any, Any, Any]:
 
 
 def _taylor_autograd(x: Tensor, squarings: int) -> Tensor:
-    """The same series and squarings as ``_TaylorExpm`` in plain autograd ops (batch-major);
-    used for double backward.
+    """The series of ``_TaylorSeries`` and ``squarings`` squarings in plain autograd ops
+    (batch-major); used for double backward.
 
     Shape:
         ``(N, s, s)`` -> ``(N, s, s)``
@@ -230,9 +300,15 @@ def _taylor_expm_squared(x: Tensor, squarings: int) -> Tensor:
         ``(N, s, s)`` -> ``(N, s, s)``
     """
     if x.shape[-1] <= _ENTRY_MAJOR_MAX_BLOCK:
-        out = _TaylorExpm.apply(x.permute(1, 2, 0).contiguous(), squarings, True)
-        return out.permute(2, 0, 1)
-    return _TaylorExpm.apply(x.contiguous(), squarings, False)
+        return _exp_by_squaring(x.permute(1, 2, 0).contiguous(), squarings, True).permute(2, 0, 1)
+    return _exp_by_squaring(x.contiguous(), squarings, False)
+
+
+def _exp_by_squaring(x: Tensor, squarings: int, entry_major: bool) -> Tensor:
+    """``T(X)^(2^squarings)`` in the given layout (Note [small-block layout])."""
+    series: Tensor = _TaylorSeries.apply(x, entry_major)
+    out: Tensor = _Squarings.apply(series, squarings, entry_major)
+    return out
 
 
 # Note [extrapolation]: float32 rotations lose orthogonality in proportion to the generator
@@ -345,7 +421,7 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
     scaled = bases * (2.0**-squarings) if squarings else bases
     if size > _ENTRY_MAJOR_MAX_BLOCK:
         gen = block_generators(positions, scaled)
-        out = _TaylorExpm.apply(gen.reshape(-1, size, size), squarings, False)
+        out = _exp_by_squaring(gen.reshape(-1, size, size), squarings, False)
         return out.view(gen.shape)
     # Note [small-block layout]: build the generators entry-major directly,
     # gen[i, j, .., h, n, m] = sum_a p[.., n, a] B[h, a, m, i, j]
@@ -354,7 +430,7 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         gen = torch.matmul(positions.unsqueeze(-3), entries.unsqueeze(2))  # (s, s, b, h, n, m)
     else:
         gen = torch.matmul(positions, entries)  # (s, s, h, n, m)
-    out = _TaylorExpm.apply(gen.reshape(size, size, -1), squarings, True)
+    out = _exp_by_squaring(gen.reshape(size, size, -1), squarings, True)
     batch = gen.shape[2:]
     return out.view(size, size, *batch).permute(*range(2, 2 + len(batch)), 0, 1).contiguous()
 
