@@ -1,19 +1,22 @@
 """Time one RotaryAttention layer with each encoding, as ratios to AxialRoPE in the same run.
 
 ViT-S/16 shapes by default: 1 CLS + 14x14 patch tokens, dim 384, 6 heads of 64, 2D positions.
-Cases are interleaved (every encoding once per round, rounds repeated) and the median is
-reported, so drifts in machine load hit all cases alike.
+Cases are interleaved (every encoding once per round, in a fresh seeded random order, rounds
+repeated) and the median is reported, so drifts in machine load and the memory state a case
+leaves behind hit all cases alike.
 
     python benchmarks/bench_attention.py --threads 2 --batch 8 32
 
 Memory: ``saved MB`` is what autograd keeps for the backward pass (tensors saved by the
 forward, counted once per storage), ``peak MB`` the CUDA allocator's peak when on a GPU.
 
-Floor (LieRE cases with blocks > 2): the batched products the exponential and the blockwise
-application need (forward; backward costs two per forward product), times the time of one such
-product measured in this run (the faster of torch.bmm and the entry-major kernel the fast path
-uses for blocks <= 8), added to the layer without encoding: the best ratio this algorithm can
-reach on this machine, whatever else is optimised.
+Floor (LieRE cases with blocks > 2): the products the exponential and the blockwise
+application need, forward, each timed in this run, times 3 in training (backward costs two
+per forward product), added to the layer without encoding: the best ratio this algorithm can
+reach on this machine, whatever else is optimised. Per-token products are timed with the
+faster of torch.bmm and the entry-major kernel the fast path uses for blocks <= 8. With one
+or two axes the series is one GEMM plus per-block coefficient products (timed as such) and
+only the squarings are per-token products; otherwise Paterson-Stockmeyer's products are.
 
 Case names: ``liere8`` per-head generators with 8x8 blocks (the paper's LieRE_8), ``liere64``
 dense, ``liere8-shared`` one set shared by all heads (``num_heads=1``, the constructor's
@@ -23,6 +26,7 @@ default), ``-ref`` the torch.matrix_exp reference path.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -85,28 +89,39 @@ def median_ms(fn: Callable[[], object], reps: int = 15) -> float:
 def floor_ms(
     layer: RotaryAttention, positions: torch.Tensor, batch: int, train: bool
 ) -> Optional[float]:
-    """Time of the batched products LieRE's fast path needs (see the module docstring)."""
+    """Time of the products LieRE's fast path needs (see the module docstring)."""
     enc = layer.pos_enc
     if not isinstance(enc, LieRE) or enc.block_size <= 2 or enc.exp_method != "auto":
         return None
-    k, chunks, _ = F._TAYLOR[torch.float32]
     with torch.no_grad():
         bases = enc.bases().float()
         sigma = torch.linalg.matrix_norm(bases, ord=2)
         bound = float(torch.matmul(positions.abs().unsqueeze(-3), sigma).amax())
-    products = (k - 1) + (chunks - 1) + F.squarings_for(bound)
     s, n = enc.block_size, positions.shape[0]
     count = enc.num_heads * n * enc.num_blocks
     a = torch.randn(count, s, s, device=positions.device)
-    t_exp = median_ms(lambda: torch.bmm(a, a))
+    t_product = median_ms(lambda: torch.bmm(a, a))
     if s <= F._ENTRY_MAJOR_MAX_BLOCK:  # the faster of the two product kernels
         e = a.permute(1, 2, 0).contiguous()
-        t_exp = min(t_exp, median_ms(lambda: F._entry_major_mm(e, e)))
+        t_product = min(t_product, median_ms(lambda: F._entry_major_mm(e, e)))
+    t_series = 0.0  # per-block work outside the per-token products (timed, forward)
+    if F._uses_polynomial(torch.float32, enc.num_axes):
+        degree, theta = F._POLY[torch.float32]
+        products = F.squarings_for(bound, theta=theta)
+        terms = F._poly_weights(positions, degree).shape[-1]
+        flat = torch.randn(enc.num_heads * enc.num_blocks * s * s, terms, device=positions.device)
+        weights = torch.randn(terms, n, device=positions.device)
+        t_series = median_ms(lambda: flat @ weights) + median_ms(
+            lambda: F._poly_coefficients(bases, degree)
+        )
+    else:
+        k, chunks, _ = F._TAYLOR[torch.float32]
+        products = (k - 1) + (chunks - 1) + F.squarings_for(bound)
     cols = 2 * batch * (layer.num_heads // enc.num_heads)
     x = torch.randn(count, cols, s, device=positions.device)
     t_app = median_ms(lambda: torch.bmm(x, a))
-    factor = 3 if train else 1
-    return factor * (products * t_exp + t_app)
+    factor = 3 if train else 1  # backward: two products per forward product
+    return factor * (products * t_product + t_series + t_app)
 
 
 def main() -> None:
@@ -178,8 +193,12 @@ def main() -> None:
             for _ in range(2):  # warm-up
                 for run in runs.values():
                     run()
+            order = list(runs)
+            shuffle = random.Random(args.seed)
             for _ in range(args.rounds):
-                for case, run in runs.items():
+                shuffle.shuffle(order)  # no case always runs right after the same neighbour
+                for case in order:
+                    run = runs[case]
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     start = time.perf_counter()

@@ -332,16 +332,18 @@ def _warn_if_inaccurate(norm: float, dtype: torch.dtype) -> None:
         )
 
 
-def squarings_for(norm_bound: float, dtype: torch.dtype = torch.float32) -> int:
+def squarings_for(
+    norm_bound: float, dtype: torch.dtype = torch.float32, *, theta: Optional[float] = None
+) -> int:
     """Squarings ``j`` so that a generator of norm <= ``norm_bound`` scaled by ``2^-j`` is
-    within the Taylor series' accurate range for ``dtype`` (Note [Taylor scaling and
-    squaring]); raises on NaN/Inf."""
+    within the Taylor series' accurate range ``theta`` (default: the Paterson-Stockmeyer
+    series' for ``dtype``, Note [Taylor scaling and squaring]); raises on NaN/Inf."""
     if not math.isfinite(norm_bound):
         raise ValueError(
             "the generators contain NaN or Inf (from non-finite positions or parameters); "
             "cannot exponentiate them."
         )
-    theta = _TAYLOR[dtype][2]
+    theta = _TAYLOR[dtype][2] if theta is None else theta
     return max(0, math.ceil(math.log2(norm_bound / theta))) if norm_bound > theta else 0
 
 
@@ -394,14 +396,86 @@ def expm_skew(gen: Tensor, *, method: str = "auto") -> Tensor:
     return _taylor_expm_squared(x * (2.0**-squarings), squarings).reshape(gen.shape)
 
 
+# Note [series as a polynomial in the positions]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# LieRE's generator is linear in the position, X(p) = sum_a p_a B_a, so the truncated series
+# T(X(p)) = sum_{k<=m} X(p)^k / k! is a polynomial of degree m in p whose matrix coefficients
+# depend on the bases only: T(X(p)) = sum_{|e|<=m} p^e C_e / |e|!, where C_e is the sum of all
+# products of |e| bases with e_a copies of B_a. The C_e follow from C_e = sum_a B_a C_{e-1_a},
+# one bmm per degree for every head and block at once (O(m^2) products per block, not per
+# token); the series for every token is then a single GEMM of monomials (tokens x T) with
+# coefficients (T x blocks*s*s). Per-token products are left for the squarings only, and
+# since the degree no longer costs per-token products it is raised (theta 2.7 instead of 1.3),
+# which saves a squaring. Used for one or two axes (T = m+1 or (m+1)(m+2)/2 = 17 or 153 in
+# float32); with three axes T = 969 and Paterson-Stockmeyer per token is cheaper.
+# (degree, theta): theta^(degree+1)/(degree+1)! below the unit roundoff
+_POLY = {torch.float32: (16, 2.70), torch.float64: (24, 2.30)}
+_POLY_MAX_AXES = 2
+
+
+def _uses_polynomial(dtype: torch.dtype, num_axes: int) -> bool:
+    return dtype in _POLY and num_axes <= _POLY_MAX_AXES
+
+
+def _poly_coefficients(bases: Tensor, degree: int) -> Tensor:
+    """Coefficients ``C_e`` (Note [series as a polynomial in the positions]), side by side.
+
+    Monomials are ordered by degree ``k``, then by the power ``i`` of the first axis
+    (``p_0^i p_1^(k-i)`` for two axes).
+
+    Shape:
+        bases ``(h, a, m, s, s)``, a <= 2 -> ``(h*m, s, T*s)``
+    """
+    h, a, m, s, _ = bases.shape
+    # [B_0; B_1] stacked by rows: one bmm multiplies every axis with every coefficient block
+    stacked = bases.transpose(0, 1).reshape(a, h * m, s, s).transpose(0, 1).reshape(h * m, a * s, s)
+    level = torch.eye(s, dtype=bases.dtype, device=bases.device).expand(h * m, s, s)
+    levels = [level]
+    for _ in range(degree):
+        prod = torch.bmm(stacked, level)  # (hm, a*s, D*s): row block a = B_a @ each C_e
+        if a == 1:
+            level = prod
+        else:  # C_(i, k-i) = B_0 C_(i-1, k-i) + B_1 C_(i, k-1-i)
+            level = torch.nn.functional.pad(prod[:, :s], (s, 0)) + torch.nn.functional.pad(
+                prod[:, s:], (0, s)
+            )
+        levels.append(level)
+    return torch.cat(levels, dim=-1)
+
+
+def _poly_weights(positions: Tensor, degree: int) -> Tensor:
+    """Monomials ``p^e / |e|!`` in the order of ``_poly_coefficients`` (powers by repeated
+    products, so gradients stay finite at p = 0).
+
+    Shape:
+        positions ``(N, a)``, a <= 2 -> ``(N, T)``
+    """
+    a = positions.shape[-1]
+    axes = positions.unbind(-1)
+    powers = [[torch.ones_like(axes[0])] for _ in range(a)]
+    for axis, p in zip(powers, axes):
+        for _ in range(degree):
+            axis.append(axis[-1] * p)
+    columns = []
+    for k in range(degree + 1):
+        scale = 1.0 / math.factorial(k)
+        if a == 1:
+            columns.append(powers[0][k] * scale)
+        else:
+            columns.extend(powers[0][i] * powers[1][k - i] * scale for i in range(k + 1))
+    return torch.stack(columns, dim=-1)
+
+
 def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> Tensor:
     """``R[.., h, n, m] = exp(sum_a p[.., n, a] B[h, a, m])`` for every token and block.
 
     The fast path never materialises an unscaled generator: the number of squarings ``j``
     comes from the bound ``||sum_a p_a B_a||_2 <= sum_a |p_a| ||B_a||_2`` (exact spectral norms
-    of the few basis blocks; tight for skew-symmetric, hence normal, matrices), ``2^-j`` is
-    folded into the bases before the single GEMM, then the Taylor series and ``j`` squarings
-    follow (Note [Taylor scaling and squaring]). ``method`` as in ``expm_skew``.
+    of the few basis blocks; tight for skew-symmetric, hence normal, matrices) and ``2^-j`` is
+    folded into the positions (or bases). With one or two axes the Taylor series of every
+    token comes from one GEMM (Note [series as a polynomial in the positions]), otherwise from
+    Paterson-Stockmeyer per token (Note [Taylor scaling and squaring]); ``j`` squarings follow.
+    ``method`` as in ``expm_skew``.
 
     Shape:
         positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)`` (skew-symmetric)
@@ -412,14 +486,38 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         return expm_skew(block_generators(positions, bases), method=method)
     if bases.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"lie_rotations computes in float32 or float64; got {bases.dtype}.")
+    h, a, m = bases.shape[:3]
     with torch.no_grad():
         sigma = torch.linalg.matrix_norm(bases.detach(), ord=2)  # (h, a, m)
         bound = torch.matmul(positions.detach().abs().unsqueeze(-3), sigma)  # (.., h, n, m)
         norm = float(bound.amax()) if bound.numel() else 0.0
-    squarings = squarings_for(norm, bases.dtype)
     _warn_if_inaccurate(norm, bases.dtype)
+    entry_major = size <= _ENTRY_MAJOR_MAX_BLOCK
+    batch = positions.shape[:-1]  # (n,) or (b, n)
+    if _uses_polynomial(bases.dtype, a):
+        degree, theta = _POLY[bases.dtype]
+        squarings = squarings_for(norm, bases.dtype, theta=theta)
+        coefficients = _poly_coefficients(bases, degree)  # (hm, s, T*s)
+        terms = coefficients.shape[-1] // size
+        weights = _poly_weights(positions.reshape(-1, a) * 2.0**-squarings, degree)  # (N, T)
+        blocks = coefficients.view(h * m, size, terms, size)
+        if entry_major:  # (s*s*hm, T) @ (T, N) -> entry-major (s, s, h, m, N)
+            flat = blocks.permute(1, 3, 0, 2).reshape(-1, terms)
+            series = torch.matmul(flat, weights.mT).view(size, size, -1)
+        else:  # (N, T) @ (T, hm*s*s) -> batch-major (N, h, m, s, s)
+            flat = blocks.permute(2, 0, 1, 3).reshape(terms, -1)
+            series = torch.matmul(weights, flat).view(-1, size, size)
+        out: Tensor = _Squarings.apply(series, squarings, entry_major)
+        if entry_major:  # (s, s, h, m, *batch) -> (*batch[:-1], h, n, m, s, s)
+            out = out.view(size, size, h, m, *batch)
+            lead = tuple(range(4, 4 + len(batch) - 1))
+            return out.permute(*lead, 2, 3 + len(batch), 3, 0, 1).contiguous()
+        out = out.view(*batch, h, m, size, size)  # (*batch, h, m, s, s)
+        nd = len(batch)
+        return out.permute(*range(nd - 1), nd, nd - 1, nd + 1, nd + 2, nd + 3).contiguous()
+    squarings = squarings_for(norm, bases.dtype)
     scaled = bases * (2.0**-squarings) if squarings else bases
-    if size > _ENTRY_MAJOR_MAX_BLOCK:
+    if not entry_major:
         gen = block_generators(positions, scaled)
         out = _exp_by_squaring(gen.reshape(-1, size, size), squarings, False)
         return out.view(gen.shape)
@@ -431,8 +529,8 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
     else:
         gen = torch.matmul(positions, entries)  # (s, s, h, n, m)
     out = _exp_by_squaring(gen.reshape(size, size, -1), squarings, True)
-    batch = gen.shape[2:]
-    return out.view(size, size, *batch).permute(*range(2, 2 + len(batch)), 0, 1).contiguous()
+    shape = gen.shape[2:]
+    return out.view(size, size, *shape).permute(*range(2, 2 + len(shape)), 0, 1).contiguous()
 
 
 def expm_skew_reference(gen: Tensor) -> Tensor:
