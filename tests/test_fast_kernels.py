@@ -56,9 +56,11 @@ def test_entry_major_product_in_row_chunks(monkeypatch):
     torch.testing.assert_close(F._entry_major_mm(a, b, out=acc), 2 * whole)
 
 
-@pytest.mark.parametrize("size", [4, 12])
+@pytest.mark.parametrize("size", [4, 10])  # entry-major and batch-major layouts
 def test_lie_rotations_gradcheck_both_layouts(size):
-    bases = skew(2 * 2, size, 0.7, seed=size).view(1, 2, 2, size, size).requires_grad_(True)
+    blocks = 2 if size <= 8 else 1
+    bases = skew(2 * blocks, size, 0.7, seed=size).view(1, 2, blocks, size, size)
+    bases.requires_grad_(True)
     positions = randn(3, 2, seed=2, dtype=torch.float64).requires_grad_(True)
     assert torch.autograd.gradcheck(F.lie_rotations, (positions, bases))
 
@@ -197,3 +199,51 @@ def test_taylor_degree_table_is_accurate():
         degree = k * chunks - 1
         bound = theta ** (degree + 1) / math.factorial(degree + 1)
         assert bound <= torch.finfo(dtype).eps
+
+
+# -- the series as a polynomial in the positions -------------------------------------------
+
+
+@pytest.mark.parametrize("axes", [1, 2])
+def test_polynomial_series_equals_the_taylor_series(axes):
+    degree = 7
+    bases = skew(2 * axes * 3, 4, 0.8, seed=axes).view(2, axes, 3, 4, 4)
+    positions = randn(5, axes, seed=1, dtype=torch.float64)
+    coefficients = F._poly_coefficients(bases, degree)  # (h*m, s, T*s)
+    weights = F._poly_weights(positions, degree)  # (n, T)
+    terms = weights.shape[-1]
+    assert terms == math.comb(degree + axes, axes)
+    blocks = coefficients.view(6, 4, terms, 4)
+    series = torch.einsum("nt,qitj->nqij", weights, blocks)
+    gen = torch.einsum("na,haqij->nhqij", positions, bases).reshape(5, 6, 4, 4)
+    term, expected = torch.eye(4, dtype=torch.float64).expand(5, 6, 4, 4), 0
+    for k in range(degree + 1):
+        expected = expected + term
+        term = term @ gen / (k + 1)
+    torch.testing.assert_close(series, expected, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("axes", [1, 3])  # 3 axes: Paterson-Stockmeyer per token
+@pytest.mark.parametrize("block", [4, 16])
+def test_lie_rotations_other_axis_counts_match_reference(axes, block):
+    bases = skew(2 * axes * 2, block, 5.0, seed=block, dtype=torch.float32)
+    bases = bases.view(2, axes, 2, block, block)
+    positions = torch.rand(7, axes, generator=torch.Generator().manual_seed(0)) * 3
+    out = F.lie_rotations(positions, bases).double()
+    ref = F.expm_skew_reference(F.block_generators(positions.double(), bases.double()))
+    spectral = (
+        torch.linalg.matrix_norm(
+            ref.new_tensor(0) + F.block_generators(positions.double(), bases.double()), ord=2
+        )
+        .max()
+        .item()
+    )
+    tol = 10 * block * torch.finfo(torch.float32).eps * max(1.0, spectral)
+    assert (out - ref).abs().max().item() <= tol
+
+
+def test_polynomial_path_gradients_at_zero_positions_are_finite():
+    bases = skew(4, 4, 1.0, seed=0, dtype=torch.float32).view(1, 2, 2, 4, 4)
+    positions = torch.zeros(3, 2, requires_grad=True)
+    F.lie_rotations(positions, bases).sum().backward()
+    assert torch.isfinite(positions.grad).all()
