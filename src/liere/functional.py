@@ -40,8 +40,9 @@ __all__ = [
 # Each squaring at most doubles the error already there, so the final error grows like
 # ||G|| * eps: this is why the orthogonality tolerance carries a max(1, ||A||) factor.
 # One j for all matrices (instead of torch.matrix_exp's per-matrix choice) keeps the batch in a
-# handful of large batched GEMMs, and autograd through the products costs about twice the
-# forward (matrix_exp's backward costs about 8x).
+# handful of large batched products, and the backward costs two products per forward product
+# (matrix_exp's backward costs about 8x its forward). lie_rotations with one or two axes
+# replaces the per-token series by one GEMM (Note [series as a polynomial in the positions]).
 # (k powers, chunks, theta): degree k * chunks - 1
 _TAYLOR = {torch.float32: (4, 3, 1.3), torch.float64: (5, 4, 1.0)}
 
@@ -313,11 +314,11 @@ def _exp_by_squaring(x: Tensor, squarings: int, entry_major: bool) -> Tensor:
 
 # Note [extrapolation]: float32 rotations lose orthogonality in proportion to the generator
 # norm. Measured by benchmarks/extrapolation.py (paper init, seed 0, 14x14 grid scaled):
-# 8x8 blocks max|R^T R - I| = 6.6e-6 at 1x the training range (||G|| = 40), 4.8e-5 at 8x
-# (||G|| = 318), about 1.6e-7 * ||G||; dense 64x64 6.5e-5 at 1x (||G|| = 262), 1.6e-4 at 8x
-# (||G|| = 2,096). The tests hold it to 10 * s * eps * max(1, ||G||). Past ||G|| = 2^14 the
-# error passes 1e-3 and keeps growing, so a RuntimeWarning says so; float64 inputs are accurate
-# to about 1e-16 * ||G||.
+# 8x8 blocks max|R^T R - I| = 7.2e-6 at 1x the training range (||G|| = 40), 5.5e-5 at 8x
+# (||G|| = 318); dense 64x64 4.0e-5 at 1x (||G|| = 262), 3.1e-4 at 8x (||G|| = 2,096); about
+# 1.5e-7 * ||G|| at large norms. The tests hold it to 10 * s * eps * max(1, ||G||). Past
+# ||G|| = 2^14 the error passes 1e-3 and keeps growing, so a RuntimeWarning says so; float64
+# inputs are accurate to about 1e-16 * ||G||.
 LARGE_NORM = {torch.float32: 2.0**14, torch.float64: 2.0**40}
 
 
