@@ -247,3 +247,17 @@ def test_polynomial_path_gradients_at_zero_positions_are_finite():
     positions = torch.zeros(3, 2, requires_grad=True)
     F.lie_rotations(positions, bases).sum().backward()
     assert torch.isfinite(positions.grad).all()
+
+
+def test_attention_with_an_overridden_encoding_forward_gets_sliced_tokens():
+    # a subclass (or patch) with the old forward(q, k, positions) signature keeps working
+    class Logged(LieRE):
+        def forward(self, q, k, positions):
+            self.seen = q.shape
+            return super().forward(q, k, positions)
+
+    torch.manual_seed(0)
+    enc = Logged(16, 2, num_heads=2)
+    layer = RotaryAttention(32, 2, pos_enc=enc, num_prefix_tokens=1)
+    layer(randn(2, 10, 32, seed=1), grid_positions(3, 3))
+    assert enc.seen == (2, 2, 9, 16)

@@ -14,6 +14,16 @@ from .encodings import RotaryEncoding
 __all__ = ["RotaryAttention"]
 
 
+def _takes_prefix_tokens(pos_enc: nn.Module) -> bool:
+    """A liere encoding whose forward is liere's (not overridden or patched), so it accepts
+    ``num_prefix_tokens``; anything else gets the sliced tokens only."""
+    return (
+        isinstance(pos_enc, RotaryEncoding)
+        and type(pos_enc).forward is RotaryEncoding.forward
+        and "forward" not in vars(pos_enc)
+    )
+
+
 class RotaryAttention(nn.Module):
     """``softmax((R q)(R k)^T / sqrt(d)) v`` over heads, with ``R`` from ``pos_enc``.
 
@@ -133,7 +143,7 @@ class RotaryAttention(nn.Module):
             )
         if p == 0:
             return self.pos_enc(q, k, positions)
-        if isinstance(self.pos_enc, RotaryEncoding):
+        if _takes_prefix_tokens(self.pos_enc):
             # rotates around the prefix tokens without slicing and concatenating q and k
             out: tuple[Tensor, Tensor] = self.pos_enc(q, k, positions, num_prefix_tokens=p)
             return out
