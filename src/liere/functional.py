@@ -520,9 +520,9 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
     scaled = bases * (2.0**-squarings) if squarings else bases
     if not entry_major:
         gen = block_generators(positions, scaled)
-        out = _exp_by_squaring(gen.reshape(-1, size, size), squarings, False)
-        return out.view(gen.shape)
-    # Note [small-block layout]: build the generators entry-major directly,
+        return _exp_by_squaring(gen.reshape(-1, size, size), squarings, False).view(gen.shape)
+    # Note [small-block layout]: generators built entry-major directly (transposing a batch of
+    # this size in and out costs more than the series on the 3-axis grids this path serves),
     # gen[i, j, .., h, n, m] = sum_a p[.., n, a] B[h, a, m, i, j]
     entries = scaled.permute(3, 4, 0, 1, 2)  # (s, s, h, a, m)
     if positions.dim() == 3:
@@ -604,6 +604,11 @@ def apply_blockwise_pair(
         if q.shape[1] % rotations.shape[0] == 0 and q.shape[2] - p == rotations.shape[1]:
             out: tuple[Tensor, Tensor] = _BlockwisePair.apply(q, k, rotations, p)
             return out
+    return _blockwise_pair_plain(q, k, rotations, p)
+
+
+def _blockwise_pair_plain(q: Tensor, k: Tensor, rotations: Tensor, p: int) -> tuple[Tensor, Tensor]:
+    """Slice off the prefix, rotate each of q and k with autograd ops, concatenate."""
     q_rot, k_rot = apply_blockwise(q[:, :, p:], rotations), apply_blockwise(k[:, :, p:], rotations)
     if p == 0:
         return q_rot, k_rot
@@ -655,14 +660,9 @@ class _BlockwisePair(torch.autograd.Function):
         _gather_blocks(k, x[:, :, :, 1], p)
         rot = rotations.reshape(-1, s, s)
         y = torch.bmm(x.view(rot.shape[0], -1, s), rot.mT.contiguous()).view(x.shape)
-        # q and k are saved for double backward only: views of tensors autograd keeps anyway
-        ctx.save_for_backward(
-            x if ctx.needs_input_grad[2] else None,
-            rotations if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None,
-            q,
-            k,
-            rotations,
-        )
+        # x only if the rotations need a gradient; q and k for double backward only (views of
+        # tensors autograd keeps anyway)
+        ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, rotations, q, k)
         ctx.p = p
         return _scatter_blocks(y[:, :, :, 0], q, p), _scatter_blocks(y[:, :, :, 1], k, p)
 
@@ -670,25 +670,18 @@ class _BlockwisePair(torch.autograd.Function):
     def backward(
         ctx: Any, grad_q: Tensor, grad_k: Tensor
     ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], None]:
-        x, rotations, q, k, rot_in = ctx.saved_tensors
+        x, rotations, q, k = ctx.saved_tensors
         p = ctx.p
         if torch.is_grad_enabled():
             # create_graph=True (double backward): recompute differentiably
-            inputs = [t for t in (q, k, rot_in) if t.requires_grad]
+            inputs = [t for t in (q, k, rotations) if t.requires_grad]
             with torch.enable_grad():
-                q_rot, k_rot = (
-                    apply_blockwise(q[:, :, p:], rot_in),
-                    apply_blockwise(k[:, :, p:], rot_in),
-                )
-                outs = (torch.cat((q[:, :, :p], q_rot), 2), torch.cat((k[:, :, :p], k_rot), 2))
+                outs = _blockwise_pair_plain(q, k, rotations, p)
                 grads = iter(torch.autograd.grad(outs, inputs, (grad_q, grad_k), create_graph=True))
-            d_q, d_k, d_r = (next(grads) if t.requires_grad else None for t in (q, k, rot_in))
+            d_q, d_k, d_r = (next(grads) if t.requires_grad else None for t in (q, k, rotations))
             return d_q, d_k, d_r, None
-        shape = x.shape if x is not None else None
-        if shape is None:
-            hr, n, m, s, _ = rotations.shape
-            shape = torch.Size((hr, n, m, 2, grad_q.shape[0], grad_q.shape[1] // hr, s))
-        s = shape[-1]
+        hr, n, m, s, _ = rotations.shape
+        shape = torch.Size((hr, n, m, 2, grad_q.shape[0], grad_q.shape[1] // hr, s))
         g = grad_q.new_empty(shape)
         _gather_blocks(grad_q, g[:, :, :, 0], p)
         _gather_blocks(grad_k, g[:, :, :, 1], p)
@@ -698,7 +691,7 @@ class _BlockwisePair(torch.autograd.Function):
         if x is not None:
             d_rot = torch.bmm(x.view(count, -1, s).mT, g_flat).mT.reshape(shape[:3] + (s, s))
         d_q = d_k = None
-        if rotations is not None:
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             d_x = torch.bmm(g_flat, rotations.reshape(count, s, s).contiguous()).view(shape)
             d_q = _scatter_blocks(d_x[:, :, :, 0], grad_q, p)
             d_k = _scatter_blocks(d_x[:, :, :, 1], grad_k, p)
