@@ -16,6 +16,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from liere import _kernels
+
 __all__ = [
     "skew_symmetric",
     "block_generators",
@@ -105,14 +107,15 @@ _ENTRY_MAJOR_CHUNK = 16384
 def _entry_major_mm(
     a: Tensor, b: Tensor, out: Optional[Tensor] = None, accumulate: bool = True
 ) -> Tensor:
-    """``a @ b`` for entry-major batches ``(s, s, N)``, into ``out`` if given (``out +=`` when
-    ``accumulate``)."""
+    """``a @ b`` for entry-major batches ``(s, s, *batch)``, into ``out`` if given (``out +=``
+    when ``accumulate``). Views whose last dim is a slice of a larger batch are fine."""
     size, count = a.shape[1], a.shape[-1]
     add = out is not None and accumulate
     if out is None:
-        out = a.new_empty(a.shape[0], b.shape[1], count)
-    for lo in range(0, count, _ENTRY_MAJOR_CHUNK):
-        hi = min(lo + _ENTRY_MAJOR_CHUNK, count)
+        out = a.new_empty(a.shape[0], b.shape[1], *a.shape[2:])
+    chunk = max(1, _ENTRY_MAJOR_CHUNK // max(1, math.prod(a.shape[2:-1])))
+    for lo in range(0, count, chunk):
+        hi = min(lo + chunk, count)
         o, a_c, b_c = out[..., lo:hi], a[..., lo:hi], b[..., lo:hi]
         start = 0
         if not add:
@@ -126,11 +129,18 @@ def _entry_major_mm(
 def _batch_mm(
     a: Tensor, b: Tensor, out: Optional[Tensor] = None, accumulate: bool = True
 ) -> Tensor:
-    """``a @ b`` for batch-major ``(N, s, s)``, into ``out`` if given (``out +=`` when
-    ``accumulate``)."""
+    """``a @ b`` for batch-major ``(*batch, s, s)`` (leading dims mergeable into one batch),
+    into ``out`` if given (``out +=`` when ``accumulate``)."""
+    s = a.shape[-1]
+    a3, b3 = a.reshape(-1, s, s), b.reshape(-1, s, s)
     if out is None:
-        return torch.bmm(a, b)
-    return out.baddbmm_(a, b) if accumulate else torch.bmm(a, b, out=out)
+        return torch.bmm(a3, b3).view(a.shape)
+    o3 = out.view(-1, s, s)
+    if accumulate:
+        o3.baddbmm_(a3, b3)
+    else:
+        torch.bmm(a3, b3, out=o3)
+    return out
 
 
 def _taylor_series(x: Tensor, entry_major: bool, keep: bool) -> tuple[list[Tensor], list[Tensor]]:
@@ -223,43 +233,95 @@ class _TaylorSeries(torch.autograd.Function):
 
 
 class _Squarings(torch.autograd.Function):
-    """``T^(2^j)`` by ``j`` squarings; backward ``G <- G S^T + S^T G`` per squaring, in two
-    reused buffers (see ``_TaylorSeries``)."""
+    """``T^(2^j_n)`` for each token ``n`` by squarings, with tokens sorted by ``j_n``
+    (descending) so that squaring ``l`` works on the prefix of ``counts[l-1]`` tokens (Note
+    [per-token squarings]); ``counts = (N,) * j`` squares everything ``j`` times. Backward
+    ``G <- G S^T + S^T G`` per squaring on the same prefixes, in two reused buffers (see
+    ``_TaylorSeries``). The token dim is the last one entry-major, the first batch-major."""
 
     @staticmethod
-    def forward(ctx: Any, t: Tensor, squarings: int, entry_major: bool) -> Tensor:
+    def forward(ctx: Any, t: Tensor, counts: tuple[int, ...], entry_major: bool) -> Tensor:
         mm, _, _ = _layout(entry_major)
+        tok = _token_slicer(entry_major)
         keep = ctx.needs_input_grad[0]
-        squares = [t]
-        for _ in range(squarings):
-            squares.append(mm(squares[-1], squares[-1]))
-            if not keep:
-                squares = squares[-1:]
+        ctx.layout = (counts, entry_major)
+        if not counts:
+            return t.clone()
+        n = t.shape[-1] if entry_major else t.shape[0]
+        ends = (n, *counts, 0)
+        out = t.new_empty(t.shape)
+        if ends[1] < n:  # tokens needing no squaring
+            tok(out, ends[1], n).copy_(tok(t, ends[1], n))
+        saved, current = [t], t
+        for level, count in enumerate(counts, start=1):
+            prev = tok(current, 0, count)
+            if level == len(counts):  # the last squaring writes straight into the result
+                mm(prev, prev, out=tok(out, 0, count), accumulate=False)
+                break
+            current = mm(prev, prev)
+            lo = ends[level + 1]
+            if count > lo:  # tokens final at this level
+                tok(out, lo, count).copy_(tok(current, lo, count))
+            if keep:
+                saved.append(current)
         if keep:
-            ctx.save_for_backward(*squares[:-1])
-        ctx.layout = (squarings, entry_major)
-        return squares[-1]
+            ctx.save_for_backward(*saved)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None]:
-        squarings, entry_major = ctx.layout
+        counts, entry_major = ctx.layout
         mm, tr, _ = _layout(entry_major)
+        tok = _token_slicer(entry_major)
+        if not counts:
+            return grad, None, None
         squares = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True: recompute differentiably
             t = squares[0]
             with torch.enable_grad():
-                out = _as_batch_major(t, entry_major)
-                for _ in range(squarings):
-                    out = torch.bmm(out, out)
-                out = out.permute(1, 2, 0) if entry_major else out
+                out = _squarings_plain(t, counts, entry_major)
                 (d_t,) = torch.autograd.grad(out, t, grad, create_graph=True)
             return d_t, None, None
-        g = grad.contiguous()
-        buffers: list[Optional[Tensor]] = [None, None]  # ping-pong: g lives in one of them
-        for step, s in enumerate(reversed(squares)):  # S' = S @ S
-            out = mm(g, tr(s), out=buffers[step % 2], accumulate=False)
-            g = buffers[step % 2] = mm(tr(s), g, out=out)
-        return g, None, None
+        grad = grad.contiguous()
+        n = grad.shape[-1] if entry_major else grad.shape[0]
+        ends = (n, *counts, 0)
+        src = grad  # read-only; results go to two ping-pong buffers
+        buffers = [grad.new_empty(grad.shape), None]
+        for step, level in enumerate(reversed(range(len(counts)))):  # S_(l+1) = S_l @ S_l
+            count = counts[level]
+            dst = buffers[step % 2]
+            if dst is None:
+                dst = buffers[step % 2] = grad.new_empty(grad.shape)
+            s, g = tok(squares[level], 0, count), tok(src, 0, count)
+            o = mm(g, tr(s), out=tok(dst, 0, count), accumulate=False)
+            mm(tr(s), g, out=o)
+            lo, hi = count, ends[level]  # tokens joining: final at this level
+            if hi > lo:
+                tok(dst, lo, hi).copy_(tok(grad, lo, hi))
+            src = dst
+        return src, None, None
+
+
+def _token_slicer(entry_major: bool) -> Any:
+    """``x[tokens lo:hi]`` along the token dim of a layout (last entry-major, first
+    batch-major)."""
+    if entry_major:
+        return lambda x, lo, hi: x[..., lo:hi]
+    return lambda x, lo, hi: x[lo:hi]
+
+
+def _squarings_plain(t: Tensor, counts: tuple[int, ...], entry_major: bool) -> Tensor:
+    """``_Squarings`` in plain autograd ops (double backward)."""
+    dim = -1 if entry_major else 0
+    out = t
+    for count in counts:
+        head, tail = out.narrow(dim, 0, count), out.narrow(dim, count, out.shape[dim] - count)
+        if entry_major:
+            sq = torch.einsum("ik...,kj...->ij...", head, head)
+        else:
+            sq = torch.matmul(head, head)
+        out = torch.cat((sq, tail), dim=dim)
+    return out
 
 
 def _layout(entry_major: bool) -> tuple[Any, Any, Any]:
@@ -308,7 +370,10 @@ def _taylor_expm_squared(x: Tensor, squarings: int) -> Tensor:
 def _exp_by_squaring(x: Tensor, squarings: int, entry_major: bool) -> Tensor:
     """``T(X)^(2^squarings)`` in the given layout (Note [small-block layout])."""
     series: Tensor = _TaylorSeries.apply(x, entry_major)
-    out: Tensor = _Squarings.apply(series, squarings, entry_major)
+    if not squarings:
+        return series
+    count = x.shape[-1] if entry_major else x.shape[0]
+    out: Tensor = _Squarings.apply(series, (count,) * squarings, entry_major)
     return out
 
 
@@ -410,7 +475,13 @@ def expm_skew(gen: Tensor, *, method: str = "auto") -> Tensor:
 # which saves a squaring. Used for one or two axes (T = m+1 or (m+1)(m+2)/2 = 17 or 153 in
 # float32); with three axes T = 969 and Paterson-Stockmeyer per token is cheaper.
 # (degree, theta): theta^(degree+1)/(degree+1)! below the unit roundoff
-_POLY = {torch.float32: (16, 2.70), torch.float64: (24, 2.30)}
+_POLY = {torch.float32: (16, 2.69), torch.float64: (24, 2.30)}
+# With the compiled squarings (Note [compiled kernels]) a squaring costs less than the GEMM
+# columns and coefficient levels a high degree needs, so float32 drops to degree 8 (T = 45
+# monomials for two axes instead of 153) and squares twice more (j = 6 instead of 4 at the
+# paper's init on a 14x14 grid). The rounding error, about e^theta * eps * 2^j, stays the
+# same size (122 eps against 240 eps).
+_POLY_KERNEL = {torch.float32: (8, 0.65), torch.float64: (24, 2.30)}
 _POLY_MAX_AXES = 2
 
 
@@ -422,19 +493,44 @@ def _poly_coefficients(bases: Tensor, degree: int) -> Tensor:
     """Coefficients ``C_e`` (Note [series as a polynomial in the positions]), side by side.
 
     Monomials are ordered by degree ``k``, then by the power ``i`` of the first axis
-    (``p_0^i p_1^(k-i)`` for two axes).
+    (``p_0^i p_1^(k-i)`` for two axes). One bmm per degree forward, two backward
+    (``_PolyCoefficients``).
 
     Shape:
         bases ``(h, a, m, s, s)``, a <= 2 -> ``(h*m, s, T*s)``
     """
+    out: Tensor = _PolyCoefficients.apply(_stack_axes(bases), degree)
+    return out
+
+
+def _stack_axes(bases: Tensor) -> Tensor:
+    """``[B_0; B_1]`` stacked by rows for every (head, block): ``(h, a, m, s, s)`` ->
+    ``(h*m, a*s, s)``, so one bmm multiplies every axis with every coefficient block."""
     h, a, m, s, _ = bases.shape
-    # [B_0; B_1] stacked by rows: one bmm multiplies every axis with every coefficient block
-    stacked = bases.transpose(0, 1).reshape(a, h * m, s, s).transpose(0, 1).reshape(h * m, a * s, s)
-    level = torch.eye(s, dtype=bases.dtype, device=bases.device).expand(h * m, s, s)
+    return bases.transpose(0, 1).reshape(a, h * m, s, s).transpose(0, 1).reshape(h * m, a * s, s)
+
+
+def _level_offsets(degree: int, a: int) -> list[int]:
+    """Column-block offset of each degree's coefficients (``k + 1`` blocks per degree for
+    two axes, one for one axis); the last entry is ``T``."""
+    offsets = [0]
+    for k in range(degree + 1):
+        offsets.append(offsets[-1] + (k + 1 if a == 2 else 1))
+    return offsets
+
+
+def _poly_coefficients_plain(stacked: Tensor, degree: int) -> Tensor:
+    """``_PolyCoefficients`` in plain autograd ops (the reference; double backward).
+
+    Shape:
+        stacked ``(h*m, a*s, s)`` (``_stack_axes``) -> ``(h*m, s, T*s)``
+    """
+    s = stacked.shape[-1]
+    level = torch.eye(s, dtype=stacked.dtype, device=stacked.device).expand(stacked.shape[0], s, s)
     levels = [level]
     for _ in range(degree):
         prod = torch.bmm(stacked, level)  # (hm, a*s, D*s): row block a = B_a @ each C_e
-        if a == 1:
+        if stacked.shape[1] == s:
             level = prod
         else:  # C_(i, k-i) = B_0 C_(i-1, k-i) + B_1 C_(i, k-1-i)
             level = torch.nn.functional.pad(prod[:, :s], (s, 0)) + torch.nn.functional.pad(
@@ -444,27 +540,186 @@ def _poly_coefficients(bases: Tensor, degree: int) -> Tensor:
     return torch.cat(levels, dim=-1)
 
 
+class _PolyCoefficients(torch.autograd.Function):
+    """The coefficient recursion written into one buffer, with a hand-written backward: per
+    degree ``G_prod = [G_k shifted; G_k]``, ``dS += G_prod @ C_(k-1)^T`` and
+    ``G_(k-1) += S^T @ G_prod`` (autograd through pad/cat/slice costs about twice as much)."""
+
+    @staticmethod
+    def forward(ctx: Any, stacked: Tensor, degree: int) -> Tensor:
+        hm, rows, s = stacked.shape
+        a = rows // s
+        offsets = _level_offsets(degree, a)
+        out = stacked.new_empty(hm, s, offsets[-1] * s)
+        out[:, :, :s].copy_(torch.eye(s, dtype=stacked.dtype, device=stacked.device))
+        for k in range(1, degree + 1):
+            prev = out[:, :, offsets[k - 1] * s : offsets[k] * s]
+            level = out[:, :, offsets[k] * s : offsets[k + 1] * s]
+            if a == 1:
+                torch.bmm(stacked, prev, out=level)
+                continue
+            prod = torch.bmm(stacked, prev)  # (hm, 2s, k*s)
+            level[:, :, : k * s].copy_(prod[:, s:])
+            level[:, :, k * s :].zero_()
+            level[:, :, s:].add_(prod[:, :s])
+        ctx.save_for_backward(stacked, out)
+        ctx.degree = degree
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None]:
+        stacked, out = ctx.saved_tensors
+        degree = ctx.degree
+        if torch.is_grad_enabled():  # create_graph=True: recompute differentiably
+            with torch.enable_grad():
+                ref = _poly_coefficients_plain(stacked, degree)
+                (d,) = torch.autograd.grad(ref, stacked, grad, create_graph=True)
+            return d, None
+        hm, rows, s = stacked.shape
+        a = rows // s
+        offsets = _level_offsets(degree, a)
+        d_stacked = torch.zeros_like(stacked)
+        st = stacked.mT
+        carry: Optional[Tensor] = None  # gradient reaching degree k from degree k + 1
+        for k in range(degree, 0, -1):
+            g = grad[:, :, offsets[k] * s : offsets[k + 1] * s]
+            if carry is not None:
+                g = g + carry
+            prev = out[:, :, offsets[k - 1] * s : offsets[k] * s]
+            g_prod = g if a == 1 else torch.cat((g[:, :, s:], g[:, :, : k * s]), dim=1)
+            d_stacked.baddbmm_(g_prod, prev.mT)
+            if k > 1:
+                carry = torch.bmm(st, g_prod)
+        return d_stacked, None
+
+
 def _poly_weights(positions: Tensor, degree: int) -> Tensor:
-    """Monomials ``p^e / |e|!`` in the order of ``_poly_coefficients`` (powers by repeated
-    products, so gradients stay finite at p = 0).
+    """Monomials ``p^e / |e|!`` in the order of ``_poly_coefficients`` (powers by a cumulative
+    product, so gradients stay finite at p = 0; a handful of ops whatever the degree).
 
     Shape:
         positions ``(N, a)``, a <= 2 -> ``(N, T)``
     """
-    a = positions.shape[-1]
-    axes = positions.unbind(-1)
-    powers = [[torch.ones_like(axes[0])] for _ in range(a)]
-    for axis, p in zip(powers, axes):
-        for _ in range(degree):
-            axis.append(axis[-1] * p)
-    columns = []
-    for k in range(degree + 1):
-        scale = 1.0 / math.factorial(k)
-        if a == 1:
-            columns.append(powers[0][k] * scale)
-        else:
-            columns.extend(powers[0][i] * powers[1][k - i] * scale for i in range(k + 1))
-    return torch.stack(columns, dim=-1)
+    n, a = positions.shape
+    ones = positions.new_ones(n, a, 1)
+    powers = torch.cat((ones, positions.unsqueeze(-1).expand(n, a, degree)), dim=-1).cumprod(-1)
+    first, second, scale = _monomial_table(degree, a, positions.device, positions.dtype)
+    if a == 1:
+        return powers[:, 0] * scale
+    return powers[:, 0, first] * powers[:, 1, second] * scale
+
+
+def _monomial_table(
+    degree: int, axes: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Powers of each axis and ``1/|e|!`` for every monomial, in ``_poly_coefficients`` order
+    (degree ``k``, then the power ``i`` of the first axis: ``p_0^i p_1^(k-i)``)."""
+    if axes == 1:
+        exps = [(k, 0, k) for k in range(degree + 1)]
+    else:
+        exps = [(i, k - i, k) for k in range(degree + 1) for i in range(k + 1)]
+    first = torch.tensor([e[0] for e in exps], device=device)
+    second = torch.tensor([e[1] for e in exps], device=device)
+    scale = torch.tensor([1.0 / math.factorial(e[2]) for e in exps], device=device, dtype=dtype)
+    return first, second, scale
+
+
+# Note [per-token squarings]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# The squaring count only has to bring each token's own generator into the series' range:
+# token n gets j_n = ceil(log2(bound_n / theta)) with bound_n = max over heads and blocks of
+# sum_a |p_a| ||B_a||_2, its positions (hence its series) are scaled by 2^-j_n, and tokens
+# are sorted by j_n (descending) so that the l-th squaring is a product over the prefix of
+# tokens with j_n >= l. On a 14x14 grid with the paper's init this is 622 token-squarings
+# instead of 196 * 4 = 784. The rotations are put back in the callers' token order after
+# they are laid out as (h, n, m, s, s), where each token's blocks are one contiguous row.
+
+
+def _spectral_norms(blocks: Tensor) -> Tensor:
+    """``||B||_2`` of a batch of square blocks: the largest eigenvalue of ``B^T B`` (half the
+    cost of an SVD here).
+
+    Shape:
+        ``(..., s, s)`` -> ``(...)``
+    """
+    return torch.linalg.eigvalsh(blocks.mT @ blocks)[..., -1].clamp_min(0).sqrt()
+
+
+def _token_squarings(bound: Tensor, theta: float) -> Tensor:
+    """Squarings ``j_n = ceil(log2(bound_n / theta))`` (0 when ``bound_n <= theta``) per token
+    (Note [per-token squarings]).
+
+    Shape:
+        bound ``(N,)`` -> ``(N,)`` int64
+    """
+    b = bound.double()
+    return torch.where(b > theta, torch.ceil(torch.log2(b / theta)), torch.zeros_like(b)).long()
+
+
+def _squaring_levels(js: Tensor) -> tuple[tuple[int, ...], Optional[Tensor]]:
+    """``counts`` (tokens squared at least ``l`` times, ``l = 1..max j``) and the order that
+    sorts tokens by ``j`` descending (``None`` when every token has the same ``j``), for
+    ``_Squarings``."""
+    top = int(js.max()) if js.numel() else 0
+    if top == 0:
+        return (), None
+    at_least = torch.bincount(js, minlength=top + 1).flip(0).cumsum(0).flip(0)
+    counts = tuple(int(c) for c in at_least[1:].tolist())
+    if counts[-1] == js.numel():
+        return counts, None
+    return counts, torch.argsort(js, descending=True, stable=True)
+
+
+class _KernelSquarings(torch.autograd.Function):
+    """``R[h, n, m] = T[h, m, n]^(2^j_n)`` by the compiled kernel (Note [compiled kernels] in
+    ``liere._kernels``): no sorting, nothing saved but ``T`` and ``j``."""
+
+    @staticmethod
+    def forward(ctx: Any, series: Tensor, js: Tensor, h: int, m: int, entry_major: bool) -> Tensor:
+        ctx.save_for_backward(series, js)
+        ctx.layout = (h, m, entry_major)
+        return _kernels.squarings_forward(series, js, h, m, entry_major)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None, None, None]:
+        series, js = ctx.saved_tensors
+        h, m, entry_major = ctx.layout
+        if torch.is_grad_enabled():  # create_graph=True: recompute differentiably
+            with torch.enable_grad():
+                out = _token_squarings_plain(series, js, h, m, entry_major)
+                (d_series,) = torch.autograd.grad(out, series, grad, create_graph=True)
+            return d_series, None, None, None, None
+        d_series = _kernels.squarings_backward(series, js, grad.contiguous(), h, m, entry_major)
+        return d_series, None, None, None, None
+
+
+def _token_squarings_plain(series: Tensor, js: Tensor, h: int, m: int, entry_major: bool) -> Tensor:
+    """``_KernelSquarings`` in plain autograd ops (the reference; double backward).
+
+    Shape:
+        series ``(s, s, h*m, N)`` (entry-major) or ``(N, h*m, s, s)``; js ``(N,)``
+        -> ``(h, N, m, s, s)``
+    """
+    out = series.permute(3, 2, 0, 1) if entry_major else series  # (N, hm, s, s)
+    count, size = out.shape[0], out.shape[-1]
+    for level in range(1, (int(js.max()) if js.numel() else 0) + 1):
+        out = torch.where((js >= level).view(-1, 1, 1, 1), torch.matmul(out, out), out)
+    return out.reshape(count, h, m, size, size).transpose(0, 1)
+
+
+class _TakeTokens(torch.autograd.Function):
+    """``x.index_select(1, index)`` for a permutation ``index`` of dim 1 (its inverse given):
+    the backward is a gather too, not index_select's zero fill and scatter-add."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None  # differentiable: double backward
 
 
 def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> Tensor:
@@ -489,33 +744,57 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         raise ValueError(f"lie_rotations computes in float32 or float64; got {bases.dtype}.")
     h, a, m = bases.shape[:3]
     with torch.no_grad():
-        sigma = torch.linalg.matrix_norm(bases.detach(), ord=2)  # (h, a, m)
+        if not bool(torch.isfinite(bases).all()):
+            squarings_for(math.nan)  # raises: NaN/Inf parameters
+        sigma = _spectral_norms(bases.detach())  # (h, a, m)
         bound = torch.matmul(positions.detach().abs().unsqueeze(-3), sigma)  # (.., h, n, m)
         norm = float(bound.amax()) if bound.numel() else 0.0
     _warn_if_inaccurate(norm, bases.dtype)
     entry_major = size <= _ENTRY_MAJOR_MAX_BLOCK
     batch = positions.shape[:-1]  # (n,) or (b, n)
     if _uses_polynomial(bases.dtype, a):
-        degree, theta = _POLY[bases.dtype]
-        squarings = squarings_for(norm, bases.dtype, theta=theta)
+        squarings_for(norm, bases.dtype)  # raises on NaN/Inf
+        flat_pos = positions.reshape(-1, a)
+        count = flat_pos.shape[0]
+        token_bound = bound.amax(dim=(-3, -1)).reshape(-1)
+        kernel = _kernels.usable(bases, size=size) and positions.device.type == "cpu"
+        if kernel:
+            degree, theta = _POLY_KERNEL[bases.dtype]
+            js = _token_squarings(token_bound, theta)
+            kernel = (int(js.max()) if js.numel() else 0) <= _kernels.MAX_SQUARINGS
+        if not kernel:
+            degree, theta = _POLY[bases.dtype]
+            js = _token_squarings(token_bound, theta)
+        counts, order = ((), None) if kernel else _squaring_levels(js)
+        if order is not None:
+            flat_pos, js = flat_pos[order], js[order]
+        scale = torch.exp2(-js.to(flat_pos.dtype)).unsqueeze(-1)
+        weights = _poly_weights(flat_pos * scale, degree)  # (N, T)
         coefficients = _poly_coefficients(bases, degree)  # (hm, s, T*s)
         terms = coefficients.shape[-1] // size
-        weights = _poly_weights(positions.reshape(-1, a) * 2.0**-squarings, degree)  # (N, T)
         blocks = coefficients.view(h * m, size, terms, size)
-        if entry_major:  # (s*s*hm, T) @ (T, N) -> entry-major (s, s, h, m, N)
+        if entry_major:  # (s*s*hm, T) @ (T, N) -> entry-major (s, s, hm, N)
             flat = blocks.permute(1, 3, 0, 2).reshape(-1, terms)
-            series = torch.matmul(flat, weights.mT).view(size, size, -1)
-        else:  # (N, T) @ (T, hm*s*s) -> batch-major (N, h, m, s, s)
+            series = torch.matmul(flat, weights.mT).view(size, size, h * m, count)
+        else:  # (N, T) @ (T, hm*s*s) -> batch-major (N, hm, s, s)
             flat = blocks.permute(2, 0, 1, 3).reshape(terms, -1)
-            series = torch.matmul(weights, flat).view(-1, size, size)
-        out: Tensor = _Squarings.apply(series, squarings, entry_major)
-        if entry_major:  # (s, s, h, m, *batch) -> (*batch[:-1], h, n, m, s, s)
-            out = out.view(size, size, h, m, *batch)
-            lead = tuple(range(4, 4 + len(batch) - 1))
-            return out.permute(*lead, 2, 3 + len(batch), 3, 0, 1).contiguous()
-        out = out.view(*batch, h, m, size, size)  # (*batch, h, m, s, s)
-        nd = len(batch)
-        return out.permute(*range(nd - 1), nd, nd - 1, nd + 1, nd + 2, nd + 3).contiguous()
+            series = torch.matmul(weights, flat).view(count, h * m, size, size)
+        if kernel:
+            rot: Tensor = _KernelSquarings.apply(
+                series, js.to(torch.int32), h, m, entry_major
+            )  # (h, N, m, s, s)
+        else:
+            out: Tensor = _Squarings.apply(series, counts, entry_major) if counts else series
+            if entry_major:  # -> (h, N, m, s, s)
+                rot = out.view(size, size, h, m, count).permute(2, 4, 3, 0, 1)
+            else:
+                rot = out.view(count, h, m, size, size).transpose(0, 1)
+            rot = rot.contiguous()
+            if order is not None:  # back to the callers' token order (contiguous rows: cheap)
+                rot = _TakeTokens.apply(rot, torch.argsort(order), order)
+        if len(batch) == 1:
+            return rot
+        return rot.view(h, *batch, m, size, size).transpose(0, 1).contiguous()
     squarings = squarings_for(norm, bases.dtype)
     scaled = bases * (2.0**-squarings) if squarings else bases
     if not entry_major:
@@ -654,6 +933,12 @@ class _BlockwisePair(torch.autograd.Function):
     def forward(ctx: Any, q: Tensor, k: Tensor, rotations: Tensor, p: int) -> tuple[Tensor, Tensor]:
         b, h, _, d = q.shape
         hr, n, m, s, _ = rotations.shape
+        ctx.p = p
+        ctx.kernel = _kernels.usable(q, k, rotations, size=s)
+        if ctx.kernel:  # Note [compiled kernels]: q and k read in place, no gather
+            rotations = rotations.contiguous()
+            ctx.save_for_backward(None, rotations, q, k)
+            return _kernels.apply_forward(q, k, rotations, p)
         hc = h // hr
         x = q.new_empty(hr, n, m, 2, b, hc, s)
         _gather_blocks(q, x[:, :, :, 0], p)
@@ -663,7 +948,6 @@ class _BlockwisePair(torch.autograd.Function):
         # x only if the rotations need a gradient; q and k for double backward only (views of
         # tensors autograd keeps anyway)
         ctx.save_for_backward(x if ctx.needs_input_grad[2] else None, rotations, q, k)
-        ctx.p = p
         return _scatter_blocks(y[:, :, :, 0], q, p), _scatter_blocks(y[:, :, :, 1], k, p)
 
     @staticmethod
@@ -679,6 +963,12 @@ class _BlockwisePair(torch.autograd.Function):
                 outs = _blockwise_pair_plain(q, k, rotations, p)
                 grads = iter(torch.autograd.grad(outs, inputs, (grad_q, grad_k), create_graph=True))
             d_q, d_k, d_r = (next(grads) if t.requires_grad else None for t in (q, k, rotations))
+            return d_q, d_k, d_r, None
+        if ctx.kernel:
+            need_qk = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+            d_q, d_k, d_r = _kernels.apply_backward(
+                q, k, rotations, grad_q, grad_k, p, need_qk, ctx.needs_input_grad[2]
+            )
             return d_q, d_k, d_r, None
         hr, n, m, s, _ = rotations.shape
         shape = torch.Size((hr, n, m, 2, grad_q.shape[0], grad_q.shape[1] // hr, s))

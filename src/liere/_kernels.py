@@ -1,0 +1,609 @@
+"""Optional compiled CPU kernels for the two hot loops of LieRE with small blocks.
+
+Note [compiled kernels]
+~~~~~~~~~~~~~~~~~~~~~~~
+With blocks of 4, 8 or 16 the work left per token after the series GEMM is tiny (an 8x8
+product is 512 multiply-adds) but there are many tokens: torch.bmm of 9,408 8x8 matrices
+spends most of its time on per-matrix overhead, and the eager entry-major products of
+``functional`` make one pass over the whole batch per multiply-add row. Two plain C loops
+keep each matrix in registers/L1 instead:
+
+* ``squarings``: ``R = T^(2^j_n)`` per matrix, each token with its own ``j_n`` (Note
+  [per-token squarings]), written straight into the ``(h, n, m, s, s)`` layout the
+  application reads. The backward recomputes the squares from ``T`` (nothing but ``T`` is
+  saved) and runs ``G <- G S^T + S^T G`` per matrix.
+* ``apply``: ``q' = R q`` and ``k' = R k`` block by block, read in place from any strides
+  (q and k are usually views of one qkv tensor) and written to fresh contiguous tensors,
+  prefix tokens copied; the backward gives ``R^T dq'`` and ``dR = sum_batch dq' q^T`` with
+  each thread owning a (head, token) slice of ``dR``.
+
+The source is C11 with GCC/Clang vector extensions and pthreads (no Python or torch
+headers), compiled on first use with the system C compiler (``$CC``, else
+``cc``/``gcc``/``clang``) in a few seconds and cached under ``$LIERE_CACHE_DIR``
+(default ``~/.cache/liere``), keyed by the source, the compiler and the CPU. Without a
+compiler, on other devices, or with ``LIERE_KERNELS=0``, everything runs on the PyTorch
+path, which is also the reference the tests compare with.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["available", "unavailable_reason", "SIZES", "MAX_SQUARINGS"]
+
+# block sizes compiled; other sizes use the PyTorch path
+SIZES = (4, 8, 16)
+# squarings per matrix the kernels accept (stack buffers); more falls back to PyTorch
+MAX_SQUARINGS = 24
+# matrices per vector batch in the squarings (16 floats fill an AVX-512 register)
+_LANES = 16
+
+_COMMON = r"""
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef void (*range_fn)(const void *ctx, int64_t lo, int64_t hi);
+typedef struct { range_fn fn; const void *ctx; int64_t lo, hi; } job_t;
+
+static void *run_job(void *p) {
+    job_t *j = (job_t *)p;
+    if (j->lo < j->hi) j->fn(j->ctx, j->lo, j->hi);
+    return NULL;
+}
+
+/* fn over [0, n) split in `threads` contiguous ranges; the caller runs the first one */
+static void parallel_for(range_fn fn, const void *ctx, int64_t n, int threads) {
+    pthread_t tid[64];
+    job_t jobs[64];
+    int started[64];
+    int64_t chunk;
+    int t;
+    if (n <= 0) return;
+    if (threads > 64) threads = 64;
+    if (threads > n) threads = (int)n;
+    if (threads <= 1) { fn(ctx, 0, n); return; }
+    chunk = (n + threads - 1) / threads;
+    for (t = 0; t < threads; t++) {
+        int64_t lo = (int64_t)t * chunk, hi = lo + chunk;
+        jobs[t].fn = fn; jobs[t].ctx = ctx;
+        jobs[t].lo = lo < n ? lo : n; jobs[t].hi = hi < n ? hi : n;
+    }
+    for (t = 1; t < threads; t++)
+        started[t] = pthread_create(&tid[t], NULL, run_job, &jobs[t]) == 0;
+    run_job(&jobs[0]);
+    for (t = 1; t < threads; t++) {
+        if (started[t]) pthread_join(tid[t], NULL);
+        else run_job(&jobs[t]);
+    }
+}
+"""
+
+# One instance per (real type, block size S). Layout letters as in liere.functional. The
+# squarings work on LW matrices at once, one per vector lane ("structure of arrays"): every
+# multiply-add is a full-width vector operation with no dependency between lanes.
+_TEMPLATE = r"""
+/* ---------------- SFX: REAL, S x S blocks ---------------- */
+
+typedef REAL vec_SFX __attribute__((vector_size(sizeof(REAL) * LW)));
+typedef IREAL ivec_SFX __attribute__((vector_size(sizeof(REAL) * LW)));
+
+/* c = a @ b for LW matrices at once (GCC/Clang vector extensions: one lane per matrix) */
+static inline void mm_SFX(const vec_SFX *restrict a, const vec_SFX *restrict b,
+                          vec_SFX *restrict c) {
+    for (int i = 0; i < S; i++) {
+        vec_SFX acc[S];
+        for (int j = 0; j < S; j++) acc[j] = a[i * S] * b[j];
+        for (int k = 1; k < S; k++) {
+            const vec_SFX aik = a[i * S + k];
+            for (int j = 0; j < S; j++) acc[j] += aik * b[k * S + j];
+        }
+        for (int j = 0; j < S; j++) c[i * S + j] = acc[j];
+    }
+}
+
+/* c = g @ s^T + s^T @ g (the cotangent of s @ s) for LW matrices at once */
+static inline void sqback_SFX(const vec_SFX *restrict g, const vec_SFX *restrict s,
+                              vec_SFX *restrict c) {
+    for (int i = 0; i < S; i++) {
+        vec_SFX acc[S];
+        for (int j = 0; j < S; j++) acc[j] = g[i * S] * s[j * S] + s[i] * g[j];
+        for (int k = 1; k < S; k++) {
+            const vec_SFX gik = g[i * S + k], ski = s[k * S + i];
+            for (int j = 0; j < S; j++) acc[j] += gik * s[j * S + k] + ski * g[k * S + j];
+        }
+        for (int j = 0; j < S; j++) c[i * S + j] = acc[j];
+    }
+}
+
+/* r = mask ? x : r, lane-wise, for a whole block */
+static inline void blend_SFX(vec_SFX *restrict r, const vec_SFX *restrict x, ivec_SFX mask) {
+    for (int e = 0; e < S * S; e++)
+        r[e] = (vec_SFX)(((ivec_SFX)x[e] & mask) | ((ivec_SFX)r[e] & ~mask));
+}
+
+typedef struct {
+    const REAL *t;          /* series: entry e = i*S+j of block (h, m) of token n at   */
+    int64_t se, sh, sm, sn; /*   t[e*se + h*sh + m*sm + n*sn]                           */
+    const int32_t *sq;      /* squarings per token (n)                                  */
+    const REAL *grad;       /* backward: dL/dR, (H, N, M, S, S) contiguous              */
+    REAL *out;              /* forward: R (H, N, M, S, S); backward: dL/dT, strides of t */
+    int64_t H, M, N;
+} sq_ctx_SFX;
+
+/* group idx = (h, m, LW consecutive tokens from n0): load entries lane-wise (padding
+   lanes get the identity and no squaring) */
+static int32_t sq_load_SFX(const sq_ctx_SFX *c, int64_t idx, vec_SFX *a, ivec_SFX *jv,
+                           int64_t *h, int64_t *m, int64_t *n0, int *cnt) {
+    const int64_t groups = (c->N + LW - 1) / LW, hm = idx / groups;
+    int32_t top = 0;
+    *n0 = (idx % groups) * LW; *m = hm % c->M; *h = hm / c->M;
+    *cnt = (int)(c->N - *n0 < LW ? c->N - *n0 : LW);
+    const REAL *src = c->t + *h * c->sh + *m * c->sm + *n0 * c->sn;
+    for (int l = 0; l < LW; l++) {
+        const int32_t j = l < *cnt ? c->sq[*n0 + l] : 0;
+        (*jv)[l] = j;
+        top = j > top ? j : top;
+    }
+    if (*cnt == LW && c->sn == 1) {
+        for (int e = 0; e < S * S; e++) memcpy(&a[e], src + e * c->se, sizeof(vec_SFX));
+    } else {
+        for (int e = 0; e < S * S; e++)
+            for (int l = 0; l < LW; l++)
+                a[e][l] = l < *cnt ? src[e * c->se + l * c->sn] : (REAL)(e % (S + 1) == 0);
+    }
+    return top;
+}
+
+static void sq_fwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
+    const sq_ctx_SFX *c = (const sq_ctx_SFX *)vc;
+    vec_SFX x[S * S], y[S * S], r[S * S];
+    ivec_SFX jv;
+    for (int64_t idx = lo; idx < hi; idx++) {
+        int64_t h, m, n0;
+        int cnt;
+        const int32_t top = sq_load_SFX(c, idx, x, &jv, &h, &m, &n0, &cnt);
+        vec_SFX *cur = x, *nxt = y, *tmp;
+        memcpy(r, x, sizeof(r));
+        for (int32_t level = 1; level <= top; level++) {
+            mm_SFX(cur, cur, nxt);
+            tmp = cur; cur = nxt; nxt = tmp;
+            blend_SFX(r, cur, jv >= level);
+        }
+        for (int l = 0; l < cnt; l++) {
+            REAL *dst = c->out + ((h * c->N + n0 + l) * c->M + m) * (S * S);
+            for (int e = 0; e < S * S; e++) dst[e] = r[e][l];
+        }
+    }
+}
+
+static void sq_bwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
+    const sq_ctx_SFX *c = (const sq_ctx_SFX *)vc;
+    vec_SFX *squares = (vec_SFX *)aligned_alloc(sizeof(vec_SFX), sizeof(vec_SFX) * S * S * MAXSQ);
+    vec_SFX g[S * S], g2[S * S];
+    ivec_SFX jv;
+    if (!squares) abort();
+    for (int64_t idx = lo; idx < hi; idx++) {
+        int64_t h, m, n0;
+        int cnt;
+        const int32_t top = sq_load_SFX(c, idx, squares, &jv, &h, &m, &n0, &cnt);
+        for (int32_t level = 1; level < top; level++)
+            mm_SFX(squares + (level - 1) * S * S, squares + (level - 1) * S * S,
+                   squares + level * S * S);
+        for (int l = 0; l < LW; l++) {
+            const REAL *src = c->grad + ((h * c->N + n0 + l) * c->M + m) * (S * S);
+            for (int e = 0; e < S * S; e++) g[e][l] = l < cnt ? src[e] : 0;
+        }
+        for (int32_t level = top - 1; level >= 0; level--) {
+            sqback_SFX(g, squares + level * S * S, g2);
+            blend_SFX(g, g2, jv > level);
+        }
+        REAL *dst = c->out + h * c->sh + m * c->sm + n0 * c->sn;
+        if (cnt == LW && c->sn == 1) {
+            for (int e = 0; e < S * S; e++) memcpy(dst + e * c->se, &g[e], sizeof(vec_SFX));
+        } else {
+            for (int e = 0; e < S * S; e++)
+                for (int l = 0; l < cnt; l++) dst[e * c->se + l * c->sn] = g[e][l];
+        }
+    }
+    free(squares);
+}
+
+void liere_squarings_SFX(const REAL *t, const int64_t *strides, const int32_t *sq,
+                         const REAL *grad, REAL *out, int64_t H, int64_t M, int64_t N,
+                         int backward, int threads) {
+    sq_ctx_SFX c;
+    c.t = t; c.se = strides[0]; c.sh = strides[1]; c.sm = strides[2]; c.sn = strides[3];
+    c.sq = sq; c.grad = grad; c.out = out; c.H = H; c.M = M; c.N = N;
+    parallel_for(backward ? sq_bwd_range_SFX : sq_fwd_range_SFX, &c,
+                 H * M * ((N + LW - 1) / LW), threads);
+}
+
+typedef struct {
+    const REAL *x[2]; const int64_t *sx[2];  /* q, k: (B, Hh, T, D), any strides       */
+    const REAL *g[2]; const int64_t *sg[2];  /* backward: dL/dq', dL/dk', any strides  */
+    REAL *out[2];                            /* q', k' or dL/dq, dL/dk: contiguous     */
+    const REAL *rot;                         /* (HR, N, M, S, S) contiguous            */
+    REAL *drot;                              /* backward: dL/dR, same layout, or NULL  */
+    int64_t B, Hh, T, P, M, HR;
+} app_ctx_SFX;
+
+typedef REAL row_SFX __attribute__((vector_size(sizeof(REAL) * S)));
+
+static inline row_SFX loadv_SFX(const REAL *p) {
+    row_SFX v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static void load_row_SFX(const REAL *x, int64_t stride, int64_t d, REAL *v) {
+    if (stride == 1) { memcpy(v, x, sizeof(REAL) * d); return; }
+    for (int64_t i = 0; i < d; i++) v[i] = x[i * stride];
+}
+
+/* one (rotation head, token) per index: every row (b, h, t) using that rotation.
+   forward: y = R x;  backward: dx = R^T g and dR = sum g x^T */
+static void app_range_SFX(const void *vc, int64_t lo, int64_t hi, int backward) {
+    const app_ctx_SFX *c = (const app_ctx_SFX *)vc;
+    const int64_t M = c->M, D = M * S, N = c->T - c->P, group = c->Hh / c->HR;
+    /* cols[m*S+j] = column j of block m (forward) / row j (backward); dr[m*S+i] = row i of
+       dR; xs, gs: a row of x and g made contiguous when strided */
+    row_SFX *vbuf = (row_SFX *)aligned_alloc(sizeof(row_SFX), sizeof(row_SFX) * 2 * D);
+    REAL *xs = (REAL *)malloc(sizeof(REAL) * 2 * D);
+    if (!vbuf || !xs) abort();
+    row_SFX *cols = vbuf, *dr = vbuf + D;
+    REAL *gs = xs + D;
+    for (int64_t idx = lo; idx < hi; idx++) {
+        const int64_t n = idx % N, hr = idx / N, t = c->P + n;
+        const REAL *r = c->rot + idx * M * (S * S);
+        if (!backward) {
+            for (int64_t m = 0; m < M; m++)
+                for (int j = 0; j < S; j++)
+                    for (int i = 0; i < S; i++) cols[m * S + j][i] = r[(m * S + i) * S + j];
+        } else {
+            for (int64_t e = 0; e < D; e++) cols[e] = loadv_SFX(r + e * S);
+            if (c->drot) memset(dr, 0, sizeof(row_SFX) * D);
+        }
+        for (int64_t b = 0; b < c->B; b++) {
+            for (int64_t h = hr * group; h < (hr + 1) * group; h++) {
+                for (int w = 0; w < 2; w++) {
+                    const int64_t *sx = c->sx[w];
+                    const REAL *x = c->x[w] + b * sx[0] + h * sx[1] + t * sx[2];
+                    REAL *y = c->out[w] ? c->out[w] + ((b * c->Hh + h) * c->T + t) * D : NULL;
+                    if (sx[3] != 1 && (!backward || c->drot)) {
+                        load_row_SFX(x, sx[3], D, xs);
+                        x = xs;
+                    }
+                    if (!backward) {  /* y_m = sum_j R_m[:, j] x_m[j] */
+                        for (int64_t m = 0; m < M; m++) {
+                            row_SFX acc = cols[m * S] * x[m * S];
+                            for (int j = 1; j < S; j++) acc += cols[m * S + j] * x[m * S + j];
+                            memcpy(y + m * S, &acc, sizeof(acc));
+                        }
+                        continue;
+                    }
+                    const int64_t *sg = c->sg[w];
+                    const REAL *g = c->g[w] + b * sg[0] + h * sg[1] + t * sg[2];
+                    if (sg[3] != 1) { load_row_SFX(g, sg[3], D, gs); g = gs; }
+                    for (int64_t m = 0; m < M; m++) {
+                        if (y) {  /* dx_m = sum_i R_m[i, :] g_m[i] */
+                            row_SFX acc = cols[m * S] * g[m * S];
+                            for (int i = 1; i < S; i++) acc += cols[m * S + i] * g[m * S + i];
+                            memcpy(y + m * S, &acc, sizeof(acc));
+                        }
+                        if (c->drot) {  /* dR_m[i, :] += g_m[i] x_m */
+                            const row_SFX xm = loadv_SFX(x + m * S);
+                            for (int i = 0; i < S; i++) dr[m * S + i] += g[m * S + i] * xm;
+                        }
+                    }
+                }
+            }
+        }
+        if (backward && c->drot) memcpy(c->drot + idx * M * (S * S), dr, sizeof(row_SFX) * D);
+    }
+    free(xs);
+    free(vbuf);
+}
+
+static void app_fwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
+    app_range_SFX(vc, lo, hi, 0);
+}
+
+static void app_bwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
+    app_range_SFX(vc, lo, hi, 1);
+}
+
+/* prefix rows (b, h, t < P): copied from x (forward) or g (backward) */
+static void app_prefix_range_SFX(const void *vc, int64_t lo, int64_t hi, int backward) {
+    const app_ctx_SFX *c = (const app_ctx_SFX *)vc;
+    const int64_t D = c->M * S;
+    for (int64_t idx = lo; idx < hi; idx++) {
+        const int64_t t = idx % c->P, h = (idx / c->P) % c->Hh, b = idx / (c->P * c->Hh);
+        for (int w = 0; w < 2; w++) {
+            const int64_t *s = backward ? c->sg[w] : c->sx[w];
+            const REAL *x = (backward ? c->g[w] : c->x[w]) + b * s[0] + h * s[1] + t * s[2];
+            load_row_SFX(x, s[3], D, c->out[w] + ((b * c->Hh + h) * c->T + t) * D);
+        }
+    }
+}
+
+static void app_prefix_fwd_SFX(const void *vc, int64_t lo, int64_t hi) {
+    app_prefix_range_SFX(vc, lo, hi, 0);
+}
+
+static void app_prefix_bwd_SFX(const void *vc, int64_t lo, int64_t hi) {
+    app_prefix_range_SFX(vc, lo, hi, 1);
+}
+
+void liere_apply_SFX(const REAL *q, const int64_t *sq, const REAL *k, const int64_t *sk,
+                     const REAL *gq, const int64_t *sgq, const REAL *gk, const int64_t *sgk,
+                     const REAL *rot, REAL *out_q, REAL *out_k, REAL *drot,
+                     int64_t B, int64_t Hh, int64_t T, int64_t P, int64_t M, int64_t HR,
+                     int backward, int threads) {
+    app_ctx_SFX c;
+    c.x[0] = q; c.x[1] = k; c.sx[0] = sq; c.sx[1] = sk;
+    c.g[0] = gq; c.g[1] = gk; c.sg[0] = sgq; c.sg[1] = sgk;
+    c.out[0] = out_q; c.out[1] = out_k; c.rot = rot; c.drot = drot;
+    c.B = B; c.Hh = Hh; c.T = T; c.P = P; c.M = M; c.HR = HR;
+    parallel_for(backward ? app_bwd_range_SFX : app_fwd_range_SFX, &c, HR * (T - P), threads);
+    if (P > 0 && out_q)
+        parallel_for(backward ? app_prefix_bwd_SFX : app_prefix_fwd_SFX, &c, B * Hh * P, threads);
+}
+"""
+
+_REALS = {torch.float32: ("float", "f32"), torch.float64: ("double", "f64")}
+_INTS = {"float": "int32_t", "double": "int64_t"}
+
+
+def _source() -> str:
+    parts = [_COMMON, f"#define MAXSQ {MAX_SQUARINGS}\n#define LW {_LANES}\n"]
+    for real, tag in _REALS.values():
+        for size in SIZES:
+            code = _TEMPLATE.replace("SFX", f"{tag}_s{size}").replace("IREAL", _INTS[real])
+            code = code.replace("REAL", real)
+            # the block size: every standalone token S
+            parts.append(re.sub(r"(?<![A-Za-z0-9_])S(?![A-Za-z0-9_])", str(size), code))
+    return "\n".join(parts)
+
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _cpu_fingerprint() -> str:
+    info = platform.machine() + platform.processor()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    info += line
+                if "flags" in info and "model name" in info:
+                    break
+    except OSError:
+        pass
+    return info
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("LIERE_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "liere"
+
+
+def _compile(source: str) -> tuple[Optional[ctypes.CDLL], str]:
+    compiler = os.environ.get("CC") or next(
+        (c for c in ("cc", "gcc", "clang") if shutil.which(c)), None
+    )
+    if compiler is None:
+        return None, "no C compiler found (set CC, or install gcc or clang)"
+    attempts = [
+        ["-O3", "-march=native", "-ffp-contract=fast"],
+        ["-O3", "-ffp-contract=fast"],
+    ]
+    errors = []
+    for flags in attempts:
+        key = hashlib.sha256(
+            "\0".join([source, compiler, *flags, _cpu_fingerprint(), sys.platform]).encode()
+        ).hexdigest()[:20]
+        suffix = ".dll" if sys.platform == "win32" else ".so"
+        try:
+            cache = _cache_dir()
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            cache = Path(tempfile.gettempdir()) / "liere-kernels"
+            cache.mkdir(parents=True, exist_ok=True)
+        lib = cache / f"kernels-{key}{suffix}"
+        if not lib.exists():
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                src = Path(tmp) / "kernels.c"
+                src.write_text(source)
+                built = Path(tmp) / f"kernels{suffix}"
+                cmd = [compiler, *flags, "-std=gnu11", "-shared", "-fPIC", "-pthread"]
+                cmd += [str(src), "-o", str(built)]
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                except (OSError, subprocess.SubprocessError) as exc:
+                    errors.append(f"{' '.join(cmd)}: {exc}")
+                    continue
+                if proc.returncode != 0:
+                    errors.append(f"{' '.join(cmd)}: {proc.stderr.strip()[-2000:]}")
+                    continue
+                os.replace(built, lib)  # atomic: concurrent builders race harmlessly
+        try:
+            return ctypes.CDLL(str(lib)), ""
+        except OSError as exc:
+            errors.append(f"loading {lib}: {exc}")
+    return None, "compiling the kernels failed: " + " | ".join(errors)
+
+
+def _library() -> Optional[ctypes.CDLL]:
+    if "lib" in _state:
+        return _state["lib"]  # type: ignore[return-value]
+    with _lock:
+        if "lib" not in _state:
+            if os.environ.get("LIERE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+                lib, reason = None, "disabled by LIERE_KERNELS=0"
+            else:
+                try:
+                    lib, reason = _compile(_source())
+                except OSError as exc:  # unwritable cache, ...
+                    lib, reason = None, f"building the kernels failed: {exc}"
+            _state["reason"] = reason
+            _state["lib"] = lib
+    return _state["lib"]  # type: ignore[return-value]
+
+
+def available() -> bool:
+    """True when the compiled kernels are built and loaded (Note [compiled kernels]); the first
+    call compiles them (about a second), later calls are free."""
+    return _library() is not None
+
+
+def unavailable_reason() -> str:
+    """Why ``available()`` is False (empty when it is True)."""
+    _library()
+    return str(_state.get("reason", ""))
+
+
+def usable(*tensors: Tensor, size: int) -> bool:
+    """Whether the kernels can serve these tensors: CPU, float32/float64, a compiled block size,
+    not being traced, kernels available."""
+    if size not in SIZES:
+        return False
+    dtype = tensors[0].dtype
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != dtype or t.dtype not in _REALS:
+            return False
+    return available()
+
+
+def _ptr(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _strides(t: Tensor) -> ctypes.Array[ctypes.c_int64]:
+    return (ctypes.c_int64 * t.dim())(*t.stride())
+
+
+def _fn(kind: str, dtype: torch.dtype, size: int) -> ctypes._CFuncPtr:  # type: ignore[name-defined]
+    lib = _library()
+    assert lib is not None
+    fn = getattr(lib, f"liere_{kind}_{_REALS[dtype][1]}_s{size}")
+    if not getattr(fn, "_liere_typed", False):
+        p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        if kind == "squarings":
+            fn.argtypes = [p, p, p, p, p, i64, i64, i64, i, i]
+        else:
+            fn.argtypes = [p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i, i]
+        fn.restype = None
+        fn._liere_typed = True
+    return fn
+
+
+def _series_strides(series: Tensor, entry_major: bool, h: int, m: int) -> tuple[int, ...]:
+    """Strides (entry, head, block, token) of a series laid out entry-major ``(s, s, h*m, N)``
+    or batch-major ``(N, h*m, s, s)`` (contiguous)."""
+    if entry_major:
+        n = series.shape[-1]
+        return (h * m * n, m * n, n, 1)
+    s = series.shape[-1]
+    return (1, m * s * s, s * s, h * m * s * s)
+
+
+def squarings_forward(
+    series: Tensor, squarings: Tensor, h: int, m: int, entry_major: bool
+) -> Tensor:
+    """``R[h, n, m] = T[h, m, n]^(2^squarings[n])`` (Note [compiled kernels]).
+
+    Shape:
+        series ``(s, s, h*m, N)`` (entry-major) or ``(N, h*m, s, s)``, contiguous;
+        squarings ``(N,)`` int32 -> ``(h, N, m, s, s)``
+    """
+    s = series.shape[0] if entry_major else series.shape[-1]
+    n = squarings.shape[0]
+    out = series.new_empty(h, n, m, s, s)
+    strides = (ctypes.c_int64 * 4)(*_series_strides(series, entry_major, h, m))
+    _fn("squarings", series.dtype, s)(
+        _ptr(series), strides, _ptr(squarings), None, _ptr(out), h, m, n, 0,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def squarings_backward(
+    series: Tensor, squarings: Tensor, grad: Tensor, h: int, m: int, entry_major: bool
+) -> Tensor:
+    """``dL/dT`` from ``dL/dR`` (``grad``, contiguous ``(h, N, m, s, s)``), laid out like
+    ``series``."""
+    s = series.shape[0] if entry_major else series.shape[-1]
+    out = torch.empty_like(series)
+    strides = (ctypes.c_int64 * 4)(*_series_strides(series, entry_major, h, m))
+    _fn("squarings", series.dtype, s)(
+        _ptr(series), strides, _ptr(squarings), _ptr(grad), _ptr(out), h, m,
+        squarings.shape[0], 1, torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def apply_forward(q: Tensor, k: Tensor, rotations: Tensor, p: int) -> tuple[Tensor, Tensor]:
+    """``(R q, R k)`` block by block, the first ``p`` tokens copied (Note [compiled kernels]).
+
+    Shape:
+        q, k ``(b, h, p + n, d)`` (any strides); rotations ``(h | 1, n, m, s, s)`` contiguous
+        -> two contiguous ``(b, h, p + n, d)``
+    """
+    b, heads, tokens, _ = q.shape
+    hr, _, m, s, _ = rotations.shape
+    out_q, out_k = torch.empty_like(q, memory_format=torch.contiguous_format), None
+    out_k = torch.empty_like(k, memory_format=torch.contiguous_format)
+    _fn("apply", q.dtype, s)(
+        _ptr(q), _strides(q), _ptr(k), _strides(k), None, None, None, None,
+        _ptr(rotations), _ptr(out_q), _ptr(out_k), None, b, heads, tokens, p, m, hr, 0,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out_q, out_k
+
+
+def apply_backward(
+    q: Tensor,
+    k: Tensor,
+    rotations: Tensor,
+    grad_q: Tensor,
+    grad_k: Tensor,
+    p: int,
+    need_inputs: bool,
+    need_rotations: bool,
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of ``apply_forward`` for q, k (``R^T g``, prefix copied) and the rotations
+    (``sum g x^T`` over the batch and the heads sharing a rotation)."""
+    b, heads, tokens, _ = q.shape
+    hr, _, m, s, _ = rotations.shape
+    d_q = d_k = d_rot = None
+    if need_inputs:
+        d_q = torch.empty_like(grad_q, memory_format=torch.contiguous_format)
+        d_k = torch.empty_like(grad_k, memory_format=torch.contiguous_format)
+    if need_rotations:
+        d_rot = torch.empty_like(rotations)
+    _fn("apply", q.dtype, s)(
+        _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(grad_q), _strides(grad_q),
+        _ptr(grad_k), _strides(grad_k), _ptr(rotations), _ptr(d_q), _ptr(d_k), _ptr(d_rot),
+        b, heads, tokens, p, m, hr, 1, torch.get_num_threads(),
+    )  # fmt: skip
+    return d_q, d_k, d_rot

@@ -1,0 +1,266 @@
+"""The compiled C kernels (Note [compiled kernels] in liere._kernels) against the PyTorch path:
+per-token squarings and the blockwise application, values and gradients, every compiled
+block size, both dtypes, both series layouts, strided and prefixed q/k; the fallback when
+no compiler is there; the per-token squaring counts of the PyTorch path."""
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import randn
+
+from liere import LieRE, RotaryAttention, grid_positions
+from liere import _kernels as K
+from liere import functional as F
+
+needs_kernels = pytest.mark.skipif(
+    not K.available(), reason=f"compiled kernels unavailable: {K.unavailable_reason()}"
+)
+
+
+def orthogonal(count, size, seed, dtype, scale=0.3):
+    a = randn(count, size, size, seed=seed, dtype=dtype) * scale
+    return torch.linalg.matrix_exp(a - a.mT)
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """Run liere's functions as if the kernels were missing."""
+    monkeypatch.setattr(K, "usable", lambda *tensors, size: False)
+
+
+# -- per-token squarings ----------------------------------------------------------------------
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", K.SIZES)
+@pytest.mark.parametrize("entry_major", [True, False])
+def test_kernel_squarings_match_plain(dtype, size, entry_major):
+    h, m, n = 2, 3, 37  # 37 tokens: two full lane groups and a partial one
+    series = orthogonal(n * h * m, size, seed=size, dtype=dtype).view(n, h * m, size, size)
+    if entry_major:
+        series = series.permute(2, 3, 1, 0).contiguous()
+    js = torch.randint(0, 5, (n,), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
+    js[0], js[-1] = 0, 6
+    fast = K.squarings_forward(series, js, h, m, entry_major)
+    ref = F._token_squarings_plain(series, js.long(), h, m, entry_major)
+    tol = 1e-5 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(fast, ref, atol=tol, rtol=0)
+    grad = randn(*ref.shape, seed=2, dtype=dtype)
+    d_fast = K.squarings_backward(series, js, grad.contiguous(), h, m, entry_major)
+    leaf = series.clone().requires_grad_(True)
+    (d_ref,) = torch.autograd.grad(
+        F._token_squarings_plain(leaf, js.long(), h, m, entry_major), leaf, grad
+    )
+    torch.testing.assert_close(d_fast, d_ref, atol=50 * tol, rtol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("entry_major", [True, False])
+def test_kernel_squarings_gradcheck(entry_major):
+    h, m, n, s = 1, 2, 3, 4
+    series = orthogonal(n * h * m, s, seed=3, dtype=torch.float64).view(n, h * m, s, s)
+    if entry_major:
+        series = series.permute(2, 3, 1, 0).contiguous()
+    js = torch.tensor([2, 0, 1], dtype=torch.int32)
+    series.requires_grad_(True)
+
+    def fn(t):
+        return F._KernelSquarings.apply(t, js, h, m, entry_major)
+
+    assert torch.autograd.gradcheck(fn, (series,))
+    assert torch.autograd.gradgradcheck(fn, (series,))  # recomputed in plain ops
+
+
+# -- blockwise application --------------------------------------------------------------------
+
+
+def qk_views(b, h, tokens, d, dtype, seed):
+    """q and k as the strided views of one qkv tensor that attention layers produce."""
+    qkv = randn(b, tokens, 3, h, d, seed=seed, dtype=dtype)
+    return qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("size", K.SIZES)
+@pytest.mark.parametrize("rot_heads", [1, 4])
+@pytest.mark.parametrize("prefix", [0, 2])
+def test_kernel_application_matches_plain(dtype, size, rot_heads, prefix):
+    b, h, n, m = 3, 4, 7, 2
+    q, k = qk_views(b, h, prefix + n, m * size, dtype, seed=size)
+    rot = orthogonal(rot_heads * n * m, size, seed=5, dtype=dtype).view(rot_heads, n, m, size, size)
+    fast = K.apply_forward(q, k, rot, prefix)
+    ref = F._blockwise_pair_plain(q, k, rot, prefix)
+    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    for f, r in zip(fast, ref):
+        assert f.is_contiguous()
+        torch.testing.assert_close(f, r, atol=tol, rtol=0)
+    gq, gk = randn(*q.shape, seed=6, dtype=dtype), randn(*k.shape, seed=7, dtype=dtype)
+    gq = gq.transpose(1, 2).contiguous().transpose(1, 2)  # a strided upstream gradient
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, rot)]
+    outs = F._blockwise_pair_plain(*leaves, prefix)
+    d_ref = torch.autograd.grad(outs, leaves, (gq, gk))
+    d_fast = K.apply_backward(q, k, rot, gq, gk, prefix, True, True)
+    for f, r in zip(d_fast, d_ref):
+        torch.testing.assert_close(f, r, atol=10 * tol, rtol=0)
+    only_q = K.apply_backward(q, k, rot, gq, gk, prefix, True, False)
+    assert only_q[2] is None
+    torch.testing.assert_close(only_q[0], d_ref[0], atol=10 * tol, rtol=0)
+
+
+@needs_kernels
+def test_kernel_application_with_strided_channels():
+    # last-dim stride 2: the kernel gathers the row before rotating it
+    b, h, n, s = 2, 2, 5, 4
+    wide = randn(b, h, n, 2 * 2 * s, seed=1, dtype=torch.float64)
+    q, k = wide[..., ::2], wide[..., 1::2]
+    rot = orthogonal(h * n * 2, s, seed=2, dtype=torch.float64).view(h, n, 2, s, s)
+    for f, r in zip(K.apply_forward(q, k, rot, 0), F._blockwise_pair_plain(q, k, rot, 0)):
+        torch.testing.assert_close(f, r, atol=1e-14, rtol=0)
+
+
+@needs_kernels
+def test_kernel_application_gradcheck():
+    q, k = qk_views(2, 2, 4, 8, torch.float64, seed=3)
+    q, k = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+    rot = orthogonal(2 * 3 * 2, 4, seed=4, dtype=torch.float64).view(2, 3, 2, 4, 4)
+    rot.requires_grad_(True)
+
+    def fn(q, k, r):
+        return F.apply_blockwise_pair(q, k, r, num_prefix_tokens=1)
+
+    assert torch.autograd.gradcheck(fn, (q, k, rot))
+    assert torch.autograd.gradgradcheck(fn, (q, k, rot))
+
+
+# -- the library with and without kernels -----------------------------------------------------
+
+
+def encode(enc, positions, x_seed=0):
+    """q', k' of a LieRE encoding and the gradients of a fixed loss wrt its parameters."""
+    enc.zero_grad()
+    q, k = qk_views(2, enc.num_heads, positions.shape[0] + 1, enc.head_dim, torch.float32, x_seed)
+    layer_q, layer_k = enc(q, k, positions, num_prefix_tokens=1)
+    loss = (layer_q * randn(*layer_q.shape, seed=9)).sum() + (layer_k**2).sum()
+    loss.backward()
+    return layer_q.detach(), layer_k.detach(), enc.weight.grad.clone()
+
+
+@needs_kernels
+@pytest.mark.parametrize("block", [4, 8, 16])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_layer_with_kernels_matches_the_pytorch_path(monkeypatch, block, heads):
+    # paper init, 2D grid: different degree and squaring counts, same rotations
+    enc = LieRE(16 if block < 16 else 32, 2, num_heads=heads, block_size=block)
+    positions = grid_positions(6, 5)
+    fast = encode(enc, positions)
+    monkeypatch.setattr(K, "usable", lambda *tensors, size: False)
+    slow = encode(enc, positions)
+    for f, s in zip(fast, slow):
+        scale = float(s.abs().max())
+        torch.testing.assert_close(f, s, atol=2e-5 * scale, rtol=0)
+
+
+@needs_kernels
+def test_kernel_path_is_taken_and_matches_float64_reference():
+    enc = LieRE(64, 2, num_heads=2, block_size=8)
+    positions = grid_positions(14, 14, reference=7)  # twice the training range
+    bases = enc.bases().detach()
+    assert K.usable(bases, size=8)
+    rot = F.lie_rotations(positions, bases)
+    ref = F.expm_skew_reference(F.block_generators(positions.double(), bases.double()))
+    gen_norm = float(torch.linalg.matrix_norm(F.block_generators(positions, bases), ord=2).max())
+    tol = 10 * 8 * torch.finfo(torch.float32).eps * max(1.0, gen_norm)
+    assert (rot.double() - ref).abs().max().item() <= tol
+    eye = torch.eye(8, dtype=torch.float64)
+    assert (rot.double().mT @ rot.double() - eye).abs().max().item() <= tol
+
+
+def test_pytorch_path_per_token_squarings_match_reference(eager):
+    # tokens spread over several squaring counts, shuffled: sorting and un-sorting exercised
+    bases = F.skew_symmetric(randn(2, 2, 3, 6, seed=1) * 3, 4)  # (h=2, a=2, m=3, 4, 4)
+    positions = torch.rand(40, 2, generator=torch.Generator().manual_seed(2)) * 2
+    positions[5] = 0.0  # a token needing no squaring
+    norms = torch.linalg.matrix_norm(bases, ord=2)
+    js = F._token_squarings(
+        (positions.abs().unsqueeze(-3) @ norms).amax(dim=(-3, -1)), F._POLY[torch.float32][1]
+    )
+    assert len(set(js.tolist())) >= 3
+    leaf = bases.clone().requires_grad_(True)
+    rot = F.lie_rotations(positions, leaf)
+    ref_leaf = bases.double().requires_grad_(True)
+    ref = F.expm_skew_reference(F.block_generators(positions.double(), ref_leaf))
+    torch.testing.assert_close(rot.double(), ref, atol=2e-5, rtol=0)
+    upstream = randn(*rot.shape, seed=3)
+    (g,) = torch.autograd.grad(rot, leaf, upstream)
+    (g_ref,) = torch.autograd.grad(ref, ref_leaf, upstream.double())
+    torch.testing.assert_close(g.double(), g_ref, atol=1e-3 * float(g_ref.abs().max()), rtol=0)
+
+
+def test_pytorch_path_squarings_gradcheck(eager):
+    bases = F.skew_symmetric(randn(1, 2, 2, 3, seed=4, dtype=torch.float64) * 2, 3)
+    positions = torch.tensor([[0.0, 0.1], [1.0, 0.5], [2.0, 2.0]], dtype=torch.float64)
+    bases.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda b: F.lie_rotations(positions, b), (bases,))
+    assert torch.autograd.gradgradcheck(lambda b: F.lie_rotations(positions, b), (bases,))
+
+
+def test_squaring_degree_tables_are_accurate():
+    for table in (F._POLY, F._POLY_KERNEL):
+        for dtype, (degree, theta) in table.items():
+            bound = theta ** (degree + 1) / math.factorial(degree + 1)
+            assert bound <= torch.finfo(dtype).eps / 2  # the unit roundoff
+
+
+# -- availability -----------------------------------------------------------------------------
+
+
+def run_python(code, **env):
+    full = {**os.environ, **env}
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=full, check=True
+    ).stdout
+
+
+def test_kernels_can_be_disabled_and_the_library_still_works(tmp_path):
+    code = (
+        "import torch; from liere import _kernels as K, LieRE, grid_positions\n"
+        "print(K.available(), K.unavailable_reason())\n"
+        "q = torch.randn(1, 1, 9, 16)\n"
+        "print(LieRE(16)(q, q, grid_positions(3, 3))[0].shape)\n"
+    )
+    out = run_python(code, LIERE_KERNELS="0", LIERE_CACHE_DIR=str(tmp_path))
+    assert "False disabled by LIERE_KERNELS=0" in out
+    assert "torch.Size([1, 1, 9, 16])" in out
+
+
+def test_missing_compiler_falls_back_with_a_reason(tmp_path):
+    code = "from liere import _kernels as K; print(K.available(), K.unavailable_reason())"
+    out = run_python(code, CC=str(tmp_path / "no-such-cc"), LIERE_CACHE_DIR=str(tmp_path))
+    assert out.startswith("False compiling the kernels failed")
+    assert "no-such-cc" in out
+
+
+@needs_kernels
+def test_kernels_build_into_the_cache_dir(tmp_path):
+    code = "from liere import _kernels as K; print(K.available())"
+    assert run_python(code, LIERE_CACHE_DIR=str(tmp_path)).strip() == "True"
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+
+
+@needs_kernels
+def test_attention_layer_runs_the_kernels_under_no_grad_and_train():
+    layer = RotaryAttention(32, 4, pos_enc=LieRE(8, 2, num_heads=4), num_prefix_tokens=1)
+    x = randn(2, 10, 32, seed=1)
+    positions = grid_positions(3, 3)
+    with torch.no_grad():
+        a = layer(x, positions)
+    b = layer(x, positions)
+    b.sum().backward()
+    torch.testing.assert_close(a, b.detach())
+    assert layer.pos_enc.weight.grad is not None
