@@ -29,7 +29,7 @@ def orthogonal(count, size, seed, dtype, scale=0.3):
 @pytest.fixture
 def eager(monkeypatch):
     """Run liere's functions as if the kernels were missing."""
-    monkeypatch.setattr(K, "usable", lambda *tensors, size: False)
+    monkeypatch.setattr(K, "usable", lambda *tensors, size, sizes=K.SIZES: False)
 
 
 # -- per-token squarings ----------------------------------------------------------------------
@@ -87,7 +87,7 @@ def qk_views(b, h, tokens, d, dtype, seed):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("size", K.SIZES)
+@pytest.mark.parametrize("size", K.APPLY_SIZES)
 @pytest.mark.parametrize("rot_heads", [1, 4])
 @pytest.mark.parametrize("prefix", [0, 2])
 def test_kernel_application_matches_plain(dtype, size, rot_heads, prefix):
@@ -96,7 +96,7 @@ def test_kernel_application_matches_plain(dtype, size, rot_heads, prefix):
     rot = orthogonal(rot_heads * n * m, size, seed=5, dtype=dtype).view(rot_heads, n, m, size, size)
     fast = K.apply_forward(q, k, rot, prefix)
     ref = F._blockwise_pair_plain(q, k, rot, prefix)
-    tol = 1e-6 if dtype == torch.float32 else 1e-14
+    tol = size * (2e-7 if dtype == torch.float32 else 4e-16)  # sums of `size` products
     for f, r in zip(fast, ref):
         assert f.is_contiguous()
         torch.testing.assert_close(f, r, atol=tol, rtol=0)
@@ -159,7 +159,7 @@ def test_layer_with_kernels_matches_the_pytorch_path(monkeypatch, block, heads):
     enc = LieRE(16 if block < 16 else 32, 2, num_heads=heads, block_size=block)
     positions = grid_positions(6, 5)
     fast = encode(enc, positions)
-    monkeypatch.setattr(K, "usable", lambda *tensors, size: False)
+    monkeypatch.setattr(K, "usable", lambda *tensors, size, sizes=K.SIZES: False)
     slow = encode(enc, positions)
     for f, s in zip(fast, slow):
         scale = float(s.abs().max())

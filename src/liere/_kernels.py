@@ -47,6 +47,9 @@ __all__ = ["available", "unavailable_reason", "SIZES", "MAX_SQUARINGS"]
 
 # block sizes compiled; other sizes use the PyTorch path
 SIZES = (4, 8, 16)
+# block sizes of the compiled application (dense heads too: one pass over q and k instead of
+# gathers, scatters and a batched GEMM)
+APPLY_SIZES = (4, 8, 16, 32, 64)
 # squarings per matrix the kernels accept (stack buffers); more falls back to PyTorch
 MAX_SQUARINGS = 24
 # matrices per vector batch in the squarings (16 floats fill an AVX-512 register)
@@ -55,6 +58,9 @@ _LANES = 16
 _COMMON = r"""
 #include <pthread.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -67,18 +73,28 @@ static void *run_job(void *p) {
     return NULL;
 }
 
-/* fn over [0, n) split in `threads` contiguous ranges; the caller runs the first one */
+/* fn over [0, n) split in `threads` contiguous ranges. With OpenMP (the build links the
+   libgomp torch has loaded, same soname) the ranges run on torch's own worker threads, which
+   are awake right after torch's parallel ops; otherwise on fresh pthreads. */
 static void parallel_for(range_fn fn, const void *ctx, int64_t n, int threads) {
-    pthread_t tid[64];
-    job_t jobs[64];
-    int started[64];
-    int64_t chunk;
-    int t;
     if (n <= 0) return;
     if (threads > 64) threads = 64;
     if (threads > n) threads = (int)n;
     if (threads <= 1) { fn(ctx, 0, n); return; }
-    chunk = (n + threads - 1) / threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads)
+    {
+        const int64_t count = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t chunk = (n + count - 1) / count;
+        const int64_t lo = t * chunk < n ? t * chunk : n, hi = lo + chunk < n ? lo + chunk : n;
+        if (lo < hi) fn(ctx, lo, hi);
+    }
+#else
+    pthread_t tid[64];
+    job_t jobs[64];
+    int started[64];
+    int64_t chunk = (n + threads - 1) / threads;
+    int t;
     for (t = 0; t < threads; t++) {
         int64_t lo = (int64_t)t * chunk, hi = lo + chunk;
         jobs[t].fn = fn; jobs[t].ctx = ctx;
@@ -91,13 +107,14 @@ static void parallel_for(range_fn fn, const void *ctx, int64_t n, int threads) {
         if (started[t]) pthread_join(tid[t], NULL);
         else run_job(&jobs[t]);
     }
+#endif
 }
 """
 
 # One instance per (real type, block size S). Layout letters as in liere.functional. The
 # squarings work on LW matrices at once, one per vector lane ("structure of arrays"): every
 # multiply-add is a full-width vector operation with no dependency between lanes.
-_TEMPLATE = r"""
+_SQUARINGS = r"""
 /* ---------------- SFX: REAL, S x S blocks ---------------- */
 
 typedef REAL vec_SFX __attribute__((vector_size(sizeof(REAL) * LW)));
@@ -234,6 +251,10 @@ void liere_squarings_SFX(const REAL *t, const int64_t *strides, const int32_t *s
                  H * M * ((N + LW - 1) / LW), threads);
 }
 
+"""
+
+# The blockwise application, one instance per (real type, block size S).
+_APPLY = r"""
 typedef struct {
     const REAL *x[2]; const int64_t *sx[2];  /* q, k: (B, Hh, T, D), any strides       */
     const REAL *g[2]; const int64_t *sg[2];  /* backward: dL/dq', dL/dk', any strides  */
@@ -243,10 +264,11 @@ typedef struct {
     int64_t B, Hh, T, P, M, HR;
 } app_ctx_SFX;
 
-typedef REAL row_SFX __attribute__((vector_size(sizeof(REAL) * S)));
+/* rows of a block in chunks of CW lanes (one 64-byte vector), NC = S / CW chunks per row */
+typedef REAL chunk_SFX __attribute__((vector_size(sizeof(REAL) * CW)));
 
-static inline row_SFX loadv_SFX(const REAL *p) {
-    row_SFX v;
+static inline chunk_SFX loadc_SFX(const REAL *p) {
+    chunk_SFX v;
     memcpy(&v, p, sizeof(v));
     return v;
 }
@@ -256,67 +278,123 @@ static void load_row_SFX(const REAL *x, int64_t stride, int64_t d, REAL *v) {
     for (int64_t i = 0; i < d; i++) v[i] = x[i * stride];
 }
 
-/* one (rotation head, token) per index: every row (b, h, t) using that rotation.
-   forward: y = R x;  backward: dx = R^T g and dR = sum g x^T */
+/* y_r,m = sum_j v_r[m*S + j] * mat[m*S + j] for each block m and each of `cnt` <= RB rows r:
+   mat holds, per block, S rows of NC chunks (columns of R forward, rows of R backward);
+   every chunk of mat loaded once serves all rows of the tile */
+static inline void matvec_SFX(const chunk_SFX *restrict mat, const REAL *const *v,
+                              REAL *const *y, int cnt, int64_t M) {
+    for (int64_t m = 0; m < M; m++) {
+        const chunk_SFX *rows = mat + m * S * NC;
+        chunk_SFX acc[RB][NC];
+        for (int r = 0; r < RB; r++)
+            for (int c = 0; c < NC; c++) acc[r][c] = rows[c] * (r < cnt ? v[r][m * S] : 0);
+        for (int j = 1; j < S; j++)
+            for (int r = 0; r < RB; r++) {
+                const REAL vj = r < cnt ? v[r][m * S + j] : 0;
+                for (int c = 0; c < NC; c++) acc[r][c] += rows[j * NC + c] * vj;
+            }
+        for (int r = 0; r < cnt; r++) memcpy(y[r] + m * S, acc[r], sizeof(acc[r]));
+    }
+}
+
+/* dR_m[i, :] += sum_r g_r[m*S + i] x_r[m*S : m*S + S] over the `cnt` rows of a tile */
+static inline void outer_SFX(chunk_SFX *restrict dr, const REAL *const *g, const REAL *const *x,
+                             int cnt, int64_t M) {
+    for (int64_t m = 0; m < M; m++) {
+        chunk_SFX xm[RB][NC];
+        for (int r = 0; r < RB; r++)
+            for (int q = 0; q < NC; q++)
+                xm[r][q] = r < cnt ? loadc_SFX(x[r] + m * S + q * CW) : (chunk_SFX){0};
+        for (int i = 0; i < S; i++) {
+            chunk_SFX *drow = dr + (m * S + i) * NC;
+            for (int q = 0; q < NC; q++) {
+                chunk_SFX sum = drow[q];
+                for (int r = 0; r < RB; r++) sum += (r < cnt ? g[r][m * S + i] : 0) * xm[r][q];
+                drow[q] = sum;
+            }
+        }
+    }
+}
+
+/* one token per index, every row (b, h, t) of it, in tiles of RB batch elements: forward
+   y = R x; backward dx = R^T g and dR = sum_b g x^T. Rows of one token sit a batch stride
+   apart, so the next tile's rows are prefetched while this one is rotated. */
 static void app_range_SFX(const void *vc, int64_t lo, int64_t hi, int backward) {
     const app_ctx_SFX *c = (const app_ctx_SFX *)vc;
-    const int64_t M = c->M, D = M * S, N = c->T - c->P, group = c->Hh / c->HR;
-    /* cols[m*S+j] = column j of block m (forward) / row j (backward); dr[m*S+i] = row i of
-       dR; xs, gs: a row of x and g made contiguous when strided */
-    row_SFX *vbuf = (row_SFX *)aligned_alloc(sizeof(row_SFX), sizeof(row_SFX) * 2 * D);
-    REAL *xs = (REAL *)malloc(sizeof(REAL) * 2 * D);
-    if (!vbuf || !xs) abort();
-    row_SFX *cols = vbuf, *dr = vbuf + D;
-    REAL *gs = xs + D;
-    for (int64_t idx = lo; idx < hi; idx++) {
-        const int64_t n = idx % N, hr = idx / N, t = c->P + n;
-        const REAL *r = c->rot + idx * M * (S * S);
-        if (!backward) {
-            for (int64_t m = 0; m < M; m++)
-                for (int j = 0; j < S; j++)
-                    for (int i = 0; i < S; i++) cols[m * S + j][i] = r[(m * S + i) * S + j];
-        } else {
-            for (int64_t e = 0; e < D; e++) cols[e] = loadv_SFX(r + e * S);
-            if (c->drot) memset(dr, 0, sizeof(row_SFX) * D);
+    const int64_t M = c->M, D = M * S, N = c->T - c->P, HR = c->HR, group = c->Hh / HR;
+    const int64_t block = D * NC; /* chunks of one rotation head's blocks */
+    const int need_x = !backward || c->drot;
+    /* mats: columns (forward) or rows (backward) of every block of R per rotation head, in
+       chunks; drs: dR likewise; rowbuf: rows made contiguous when strided */
+    chunk_SFX *vbuf = (chunk_SFX *)aligned_alloc(64, sizeof(chunk_SFX) * 2 * HR * block);
+    REAL *rowbuf = (REAL *)malloc(sizeof(REAL) * 2 * RB * D);
+    if (!vbuf || !rowbuf) abort();
+    chunk_SFX *mats = vbuf, *drs = vbuf + HR * block;
+    for (int64_t n = lo; n < hi; n++) {
+        const int64_t t = c->P + n;
+        for (int64_t hr = 0; hr < HR; hr++) {
+            const REAL *r = c->rot + (hr * N + n) * M * (S * S);
+            if (!backward) {
+                REAL *col = (REAL *)(mats + hr * block);
+                for (int64_t m = 0; m < M; m++)
+                    for (int j = 0; j < S; j++)
+                        for (int i = 0; i < S; i++)
+                            col[(m * S + j) * S + i] = r[(m * S + i) * S + j];
+            } else {
+                memcpy(mats + hr * block, r, sizeof(REAL) * M * S * S);
+                if (c->drot) memset(drs + hr * block, 0, sizeof(chunk_SFX) * block);
+            }
         }
-        for (int64_t b = 0; b < c->B; b++) {
-            for (int64_t h = hr * group; h < (hr + 1) * group; h++) {
+        for (int64_t b0 = 0; b0 < c->B; b0 += RB) {
+            const int cnt = (int)(c->B - b0 < RB ? c->B - b0 : RB);
+            for (int64_t b = b0 + RB; b < b0 + 2 * RB && b < c->B; b++)  /* next tile */
+                for (int w = 0; w < 2; w++)
+                    for (int64_t h = 0; h < c->Hh; h++) {
+                        const REAL *nx = c->x[w] + b * c->sx[w][0] + h * c->sx[w][1]
+                                         + t * c->sx[w][2];
+                        const REAL *ng = backward ? c->g[w] + b * c->sg[w][0]
+                                                    + h * c->sg[w][1] + t * c->sg[w][2] : NULL;
+                        for (int64_t o = 0; o < D; o += 64 / (int64_t)sizeof(REAL)) {
+                            if (need_x) __builtin_prefetch(nx + o * c->sx[w][3]);
+                            if (ng) __builtin_prefetch(ng + o * c->sg[w][3]);
+                        }
+                    }
+            for (int64_t h = 0; h < c->Hh; h++) {
+                const chunk_SFX *mat = mats + (h / group) * block;
                 for (int w = 0; w < 2; w++) {
-                    const int64_t *sx = c->sx[w];
-                    const REAL *x = c->x[w] + b * sx[0] + h * sx[1] + t * sx[2];
-                    REAL *y = c->out[w] ? c->out[w] + ((b * c->Hh + h) * c->T + t) * D : NULL;
-                    if (sx[3] != 1 && (!backward || c->drot)) {
-                        load_row_SFX(x, sx[3], D, xs);
-                        x = xs;
+                    const REAL *xr[RB], *gr[RB];
+                    REAL *yr[RB];
+                    for (int r = 0; r < cnt; r++) {
+                        const int64_t b = b0 + r, *sx = c->sx[w], *sg = c->sg[w];
+                        xr[r] = c->x[w] + b * sx[0] + h * sx[1] + t * sx[2];
+                        if (need_x && sx[3] != 1) {
+                            load_row_SFX(xr[r], sx[3], D, rowbuf + r * D);
+                            xr[r] = rowbuf + r * D;
+                        }
+                        yr[r] = c->out[w] ? c->out[w] + ((b * c->Hh + h) * c->T + t) * D : NULL;
+                        if (backward) {
+                            gr[r] = c->g[w] + b * sg[0] + h * sg[1] + t * sg[2];
+                            if (sg[3] != 1) {
+                                load_row_SFX(gr[r], sg[3], D, rowbuf + (RB + r) * D);
+                                gr[r] = rowbuf + (RB + r) * D;
+                            }
+                        }
                     }
                     if (!backward) {  /* y_m = sum_j R_m[:, j] x_m[j] */
-                        for (int64_t m = 0; m < M; m++) {
-                            row_SFX acc = cols[m * S] * x[m * S];
-                            for (int j = 1; j < S; j++) acc += cols[m * S + j] * x[m * S + j];
-                            memcpy(y + m * S, &acc, sizeof(acc));
-                        }
+                        matvec_SFX(mat, xr, yr, cnt, M);
                         continue;
                     }
-                    const int64_t *sg = c->sg[w];
-                    const REAL *g = c->g[w] + b * sg[0] + h * sg[1] + t * sg[2];
-                    if (sg[3] != 1) { load_row_SFX(g, sg[3], D, gs); g = gs; }
-                    for (int64_t m = 0; m < M; m++) {
-                        if (y) {  /* dx_m = sum_i R_m[i, :] g_m[i] */
-                            row_SFX acc = cols[m * S] * g[m * S];
-                            for (int i = 1; i < S; i++) acc += cols[m * S + i] * g[m * S + i];
-                            memcpy(y + m * S, &acc, sizeof(acc));
-                        }
-                        if (c->drot) {  /* dR_m[i, :] += g_m[i] x_m */
-                            const row_SFX xm = loadv_SFX(x + m * S);
-                            for (int i = 0; i < S; i++) dr[m * S + i] += g[m * S + i] * xm;
-                        }
-                    }
+                    if (c->out[w]) matvec_SFX(mat, gr, yr, cnt, M);  /* dx_m = R_m^T g_m */
+                    if (c->drot) outer_SFX(drs + (h / group) * block, gr, xr, cnt, M);
                 }
             }
         }
-        if (backward && c->drot) memcpy(c->drot + idx * M * (S * S), dr, sizeof(row_SFX) * D);
+        if (backward && c->drot)
+            for (int64_t hr = 0; hr < HR; hr++)
+                memcpy(c->drot + (hr * N + n) * M * (S * S), drs + hr * block,
+                       sizeof(REAL) * D * S);
     }
-    free(xs);
+    free(rowbuf);
     free(vbuf);
 }
 
@@ -360,7 +438,7 @@ void liere_apply_SFX(const REAL *q, const int64_t *sq, const REAL *k, const int6
     c.g[0] = gq; c.g[1] = gk; c.sg[0] = sgq; c.sg[1] = sgk;
     c.out[0] = out_q; c.out[1] = out_k; c.rot = rot; c.drot = drot;
     c.B = B; c.Hh = Hh; c.T = T; c.P = P; c.M = M; c.HR = HR;
-    parallel_for(backward ? app_bwd_range_SFX : app_fwd_range_SFX, &c, HR * (T - P), threads);
+    parallel_for(backward ? app_bwd_range_SFX : app_fwd_range_SFX, &c, T - P, threads);
     if (P > 0 && out_q)
         parallel_for(backward ? app_prefix_bwd_SFX : app_prefix_fwd_SFX, &c, B * Hh * P, threads);
 }
@@ -373,11 +451,22 @@ _INTS = {"float": "int32_t", "double": "int64_t"}
 def _source() -> str:
     parts = [_COMMON, f"#define MAXSQ {MAX_SQUARINGS}\n#define LW {_LANES}\n"]
     for real, tag in _REALS.values():
-        for size in SIZES:
-            code = _TEMPLATE.replace("SFX", f"{tag}_s{size}").replace("IREAL", _INTS[real])
-            code = code.replace("REAL", real)
-            # the block size: every standalone token S
-            parts.append(re.sub(r"(?<![A-Za-z0-9_])S(?![A-Za-z0-9_])", str(size), code))
+        for template, sizes in ((_SQUARINGS, SIZES), (_APPLY, APPLY_SIZES)):
+            for size in sizes:
+                code = template.replace("SFX", f"{tag}_s{size}").replace("IREAL", _INTS[real])
+                code = code.replace("REAL", real)
+                lanes = min(size, 64 // (4 if real == "float" else 8))  # 64-byte chunks
+                # rows per tile: RB * NC accumulators stay in 32 vector registers
+                values = {"S": size, "CW": lanes, "NC": size // lanes, "RB": max(1, 16 // (size // lanes))}
+                values["RB"] = min(values["RB"], 4)
+                # the block size and chunking: every standalone token S, CW, NC, RB
+                parts.append(
+                    re.sub(
+                        r"(?<![A-Za-z0-9_])(S|CW|NC|RB)(?![A-Za-z0-9_])",
+                        lambda t: str(values[t.group(1)]),
+                        code,
+                    )
+                )
     return "\n".join(parts)
 
 
@@ -414,6 +503,7 @@ def _compile(source: str) -> tuple[Optional[ctypes.CDLL], str]:
     if compiler is None:
         return None, "no C compiler found (set CC, or install gcc or clang)"
     attempts = [
+        ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp"],
         ["-O3", "-march=native", "-ffp-contract=fast"],
         ["-O3", "-ffp-contract=fast"],
     ]
@@ -482,16 +572,21 @@ def unavailable_reason() -> str:
     return str(_state.get("reason", ""))
 
 
-def usable(*tensors: Tensor, size: int) -> bool:
-    """Whether the kernels can serve these tensors: CPU, float32/float64, a compiled block size,
-    not being traced, kernels available."""
-    if size not in SIZES:
+def usable(*tensors: Tensor, size: int, sizes: tuple[int, ...] = SIZES) -> bool:
+    """Whether the kernels can serve these tensors: CPU, one dtype among float32/float64, a
+    block size among ``sizes`` (``SIZES`` for the squarings, ``APPLY_SIZES`` for the
+    application) and the kernels built."""
+    if size not in sizes:
         return False
     dtype = tensors[0].dtype
     for t in tensors:
         if t.device.type != "cpu" or t.dtype != dtype or t.dtype not in _REALS:
             return False
     return available()
+
+
+def _threads() -> int:
+    return int(os.environ.get("LIERE_KERNEL_THREADS", torch.get_num_threads()))
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
@@ -542,7 +637,7 @@ def squarings_forward(
     strides = (ctypes.c_int64 * 4)(*_series_strides(series, entry_major, h, m))
     _fn("squarings", series.dtype, s)(
         _ptr(series), strides, _ptr(squarings), None, _ptr(out), h, m, n, 0,
-        torch.get_num_threads(),
+        _threads(),
     )  # fmt: skip
     return out
 
@@ -557,7 +652,7 @@ def squarings_backward(
     strides = (ctypes.c_int64 * 4)(*_series_strides(series, entry_major, h, m))
     _fn("squarings", series.dtype, s)(
         _ptr(series), strides, _ptr(squarings), _ptr(grad), _ptr(out), h, m,
-        squarings.shape[0], 1, torch.get_num_threads(),
+        squarings.shape[0], 1, _threads(),
     )  # fmt: skip
     return out
 
@@ -576,7 +671,7 @@ def apply_forward(q: Tensor, k: Tensor, rotations: Tensor, p: int) -> tuple[Tens
     _fn("apply", q.dtype, s)(
         _ptr(q), _strides(q), _ptr(k), _strides(k), None, None, None, None,
         _ptr(rotations), _ptr(out_q), _ptr(out_k), None, b, heads, tokens, p, m, hr, 0,
-        torch.get_num_threads(),
+        _threads(),
     )  # fmt: skip
     return out_q, out_k
 
@@ -604,6 +699,6 @@ def apply_backward(
     _fn("apply", q.dtype, s)(
         _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(grad_q), _strides(grad_q),
         _ptr(grad_k), _strides(grad_k), _ptr(rotations), _ptr(d_q), _ptr(d_k), _ptr(d_rot),
-        b, heads, tokens, p, m, hr, 1, torch.get_num_threads(),
+        b, heads, tokens, p, m, hr, 1, _threads(),
     )  # fmt: skip
     return d_q, d_k, d_rot

@@ -934,7 +934,7 @@ class _BlockwisePair(torch.autograd.Function):
         b, h, _, d = q.shape
         hr, n, m, s, _ = rotations.shape
         ctx.p = p
-        ctx.kernel = _kernels.usable(q, k, rotations, size=s)
+        ctx.kernel = _kernels.usable(q, k, rotations, size=s, sizes=_kernels.APPLY_SIZES)
         if ctx.kernel:  # Note [compiled kernels]: q and k read in place, no gather
             rotations = rotations.contiguous()
             ctx.save_for_backward(None, rotations, q, k)
