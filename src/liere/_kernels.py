@@ -46,7 +46,7 @@ from torch import Tensor
 __all__ = ["available", "unavailable_reason", "SIZES", "MAX_SQUARINGS"]
 
 # block sizes compiled; other sizes use the PyTorch path
-SIZES = (4, 8, 16)
+SIZES = (4, 8, 16, 32, 64)
 # block sizes of the compiled application (dense heads too: one pass over q and k instead of
 # gathers, scatters and a batched GEMM)
 APPLY_SIZES = (4, 8, 16, 32, 64)
@@ -253,6 +253,101 @@ void liere_squarings_SFX(const REAL *t, const int64_t *strides, const int32_t *s
 
 """
 
+# Squarings for larger blocks (32, 64), one matrix at a time: a register-tiled product (RB rows
+# of NC 64-byte vectors of accumulators), each matrix squared in L1/L2 and written once.
+_SQUARINGS_LARGE = r"""
+/* ---------------- SFX: REAL, S x S blocks, one matrix at a time ---------------- */
+
+typedef REAL mchunk_SFX __attribute__((vector_size(sizeof(REAL) * CW)));
+
+/* c = a @ b, or c += a @ b when acc, for row-major S x S matrices */
+static void gemm_SFX(const REAL *restrict a, const REAL *restrict b, REAL *restrict c,
+                     int acc) {
+    for (int i0 = 0; i0 < S; i0 += RB) {
+        mchunk_SFX sum[RB][NC];
+        for (int r = 0; r < RB; r++)
+            for (int q = 0; q < NC; q++) {
+                if (acc) memcpy(&sum[r][q], c + (i0 + r) * S + q * CW, sizeof(mchunk_SFX));
+                else sum[r][q] = (mchunk_SFX){0};
+            }
+        for (int k = 0; k < S; k++) {
+            mchunk_SFX bk[NC];
+            memcpy(bk, b + k * S, sizeof(bk));
+            for (int r = 0; r < RB; r++) {
+                const REAL aik = a[(i0 + r) * S + k];
+                for (int q = 0; q < NC; q++) sum[r][q] += aik * bk[q];
+            }
+        }
+        memcpy(c + i0 * S, sum, sizeof(sum));
+    }
+}
+
+typedef struct {
+    const REAL *t;          /* series: entry e = i*S+j of block (h, m) of token n at   */
+    int64_t se, sh, sm, sn; /*   t[e*se + h*sh + m*sm + n*sn]                           */
+    const int32_t *sq;      /* squarings per token (n)                                  */
+    const REAL *grad;       /* backward: dL/dR, (H, N, M, S, S) contiguous              */
+    REAL *out;              /* forward: R (H, N, M, S, S); backward: dL/dT, strides of t */
+    int64_t H, M, N;
+} sq_ctx_SFX;
+
+static void load_matrix_SFX(const REAL *src, int64_t se, REAL *dst) {
+    if (se == 1) { memcpy(dst, src, sizeof(REAL) * S * S); return; }
+    for (int e = 0; e < S * S; e++) dst[e] = src[e * se];
+}
+
+static void sq_fwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
+    const sq_ctx_SFX *c = (const sq_ctx_SFX *)vc;
+    REAL *buf = (REAL *)aligned_alloc(64, sizeof(REAL) * 2 * S * S);
+    if (!buf) abort();
+    for (int64_t idx = lo; idx < hi; idx++) {
+        const int64_t n = idx % c->N, hm = idx / c->N, m = hm % c->M, h = hm / c->M;
+        REAL *x = buf, *y = buf + S * S, *tmp;
+        load_matrix_SFX(c->t + h * c->sh + m * c->sm + n * c->sn, c->se, x);
+        for (int32_t l = 0; l < c->sq[n]; l++) { gemm_SFX(x, x, y, 0); tmp = x; x = y; y = tmp; }
+        memcpy(c->out + ((h * c->N + n) * c->M + m) * (S * S), x, sizeof(REAL) * S * S);
+    }
+    free(buf);
+}
+
+static void sq_bwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
+    const sq_ctx_SFX *c = (const sq_ctx_SFX *)vc;
+    REAL *buf = (REAL *)aligned_alloc(64, sizeof(REAL) * (MAXSQ + 3) * S * S);
+    if (!buf) abort();
+    REAL *squares = buf, *g = buf + MAXSQ * S * S, *g2 = g + S * S, *st = g2 + S * S, *tmp;
+    for (int64_t idx = lo; idx < hi; idx++) {
+        const int64_t n = idx % c->N, hm = idx / c->N, m = hm % c->M, h = hm / c->M;
+        const int64_t off = h * c->sh + m * c->sm + n * c->sn;
+        const int32_t j = c->sq[n];
+        load_matrix_SFX(c->t + off, c->se, squares);
+        for (int32_t l = 1; l < j; l++)
+            gemm_SFX(squares + (l - 1) * S * S, squares + (l - 1) * S * S, squares + l * S * S, 0);
+        memcpy(g, c->grad + ((h * c->N + n) * c->M + m) * (S * S), sizeof(REAL) * S * S);
+        for (int32_t l = j - 1; l >= 0; l--) {  /* g <- g s^T + s^T g */
+            const REAL *sl = squares + l * S * S;
+            for (int r = 0; r < S; r++)
+                for (int q = 0; q < S; q++) st[r * S + q] = sl[q * S + r];
+            gemm_SFX(g, st, g2, 0);
+            gemm_SFX(st, g, g2, 1);
+            tmp = g; g = g2; g2 = tmp;
+        }
+        REAL *dst = c->out + off;
+        if (c->se == 1) memcpy(dst, g, sizeof(REAL) * S * S);
+        else for (int e = 0; e < S * S; e++) dst[e * c->se] = g[e];
+    }
+    free(buf);
+}
+
+void liere_squarings_SFX(const REAL *t, const int64_t *strides, const int32_t *sq,
+                         const REAL *grad, REAL *out, int64_t H, int64_t M, int64_t N,
+                         int backward, int threads) {
+    sq_ctx_SFX c;
+    c.t = t; c.se = strides[0]; c.sh = strides[1]; c.sm = strides[2]; c.sn = strides[3];
+    c.sq = sq; c.grad = grad; c.out = out; c.H = H; c.M = M; c.N = N;
+    parallel_for(backward ? sq_bwd_range_SFX : sq_fwd_range_SFX, &c, H * M * N, threads);
+}
+"""
+
 # The blockwise application, one instance per (real type, block size S).
 _APPLY = r"""
 typedef struct {
@@ -446,27 +541,31 @@ void liere_apply_SFX(const REAL *q, const int64_t *sq, const REAL *k, const int6
 
 _REALS = {torch.float32: ("float", "f32"), torch.float64: ("double", "f64")}
 _INTS = {"float": "int32_t", "double": "int64_t"}
+_REALS_BY_NAME = {"float": "f32", "double": "f64"}
+
+
+def _instance(template: str, real: str, size: int) -> str:
+    """``template`` for one real type and block size: ``SFX``, ``REAL``, ``IREAL`` and the
+    size tokens ``S`` (block size), ``CW`` (lanes of a 64-byte vector), ``NC`` (vectors per
+    block row) and ``RB`` (rows per tile, so that ``RB * NC`` accumulators fit in registers)
+    replaced."""
+    tag = _REALS_BY_NAME[real]
+    code = template.replace("SFX", f"{tag}_s{size}").replace("IREAL", _INTS[real])
+    code = code.replace("REAL", real)
+    lanes = min(size, 64 // (4 if real == "float" else 8))
+    chunks = size // lanes
+    values = {"S": size, "CW": lanes, "NC": chunks, "RB": min(4, max(1, 16 // chunks))}
+    return re.sub(
+        r"(?<![A-Za-z0-9_])(S|CW|NC|RB)(?![A-Za-z0-9_])", lambda t: str(values[t.group(1)]), code
+    )
 
 
 def _source() -> str:
     parts = [_COMMON, f"#define MAXSQ {MAX_SQUARINGS}\n#define LW {_LANES}\n"]
-    for real, tag in _REALS.values():
-        for template, sizes in ((_SQUARINGS, SIZES), (_APPLY, APPLY_SIZES)):
-            for size in sizes:
-                code = template.replace("SFX", f"{tag}_s{size}").replace("IREAL", _INTS[real])
-                code = code.replace("REAL", real)
-                lanes = min(size, 64 // (4 if real == "float" else 8))  # 64-byte chunks
-                # rows per tile: RB * NC accumulators stay in 32 vector registers
-                values = {"S": size, "CW": lanes, "NC": size // lanes, "RB": max(1, 16 // (size // lanes))}
-                values["RB"] = min(values["RB"], 4)
-                # the block size and chunking: every standalone token S, CW, NC, RB
-                parts.append(
-                    re.sub(
-                        r"(?<![A-Za-z0-9_])(S|CW|NC|RB)(?![A-Za-z0-9_])",
-                        lambda t: str(values[t.group(1)]),
-                        code,
-                    )
-                )
+    for real in _INTS:
+        parts += [_instance(_SQUARINGS, real, size) for size in SIZES if size <= 16]
+        parts += [_instance(_SQUARINGS_LARGE, real, size) for size in SIZES if size > 16]
+        parts += [_instance(_APPLY, real, size) for size in APPLY_SIZES]
     return "\n".join(parts)
 
 

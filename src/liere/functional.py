@@ -480,7 +480,8 @@ _POLY = {torch.float32: (16, 2.69), torch.float64: (24, 2.30)}
 # columns and coefficient levels a high degree needs, so float32 drops to degree 8 (T = 45
 # monomials for two axes instead of 153) and squares twice more (j = 6 instead of 4 at the
 # paper's init on a 14x14 grid). The rounding error, about e^theta * eps * 2^j, stays the
-# same size (122 eps against 240 eps).
+# same size (122 eps against 240 eps). Blocks of 32 and more keep the high degree: there a
+# squaring is a large product, the series' GEMM columns are cheap by comparison.
 _POLY_KERNEL = {torch.float32: (8, 0.65), torch.float64: (24, 2.30)}
 _POLY_MAX_AXES = 2
 
@@ -759,7 +760,7 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         token_bound = bound.amax(dim=(-3, -1)).reshape(-1)
         kernel = _kernels.usable(bases, size=size) and positions.device.type == "cpu"
         if kernel:
-            degree, theta = _POLY_KERNEL[bases.dtype]
+            degree, theta = (_POLY_KERNEL if size <= 16 else _POLY)[bases.dtype]
             js = _token_squarings(token_bound, theta)
             kernel = (int(js.max()) if js.numel() else 0) <= _kernels.MAX_SQUARINGS
         if not kernel:
