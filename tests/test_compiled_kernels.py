@@ -38,39 +38,43 @@ def eager(monkeypatch):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("size", K.SIZES)
-@pytest.mark.parametrize("entry_major", [True, False])
-def test_kernel_squarings_match_plain(dtype, size, entry_major):
+@pytest.mark.parametrize("layout", K.LAYOUTS)
+def test_kernel_squarings_match_plain(dtype, size, layout):
     h, m, n = 2, 3, 37  # 37 tokens: two full lane groups and a partial one
-    series = orthogonal(n * h * m, size, seed=size, dtype=dtype).view(n, h * m, size, size)
-    if entry_major:
-        series = series.permute(2, 3, 1, 0).contiguous()
+    series = orthogonal(n * h * m, size, seed=size, dtype=dtype).view(n, h, m, size, size)
+    if layout == "entry":
+        series = series.permute(3, 4, 1, 2, 0).reshape(size, size, h * m, n).contiguous()
+    elif layout == "batch":
+        series = series.reshape(n, h * m, size, size).contiguous()
+    else:
+        series = series.permute(3, 4, 1, 0, 2).reshape(size, size, -1).contiguous()
     js = torch.randint(0, 5, (n,), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
     js[0], js[-1] = 0, 6
-    fast = K.squarings_forward(series, js, h, m, entry_major)
-    ref = F._token_squarings_plain(series, js.long(), h, m, entry_major)
+    fast = K.squarings_forward(series, js, h, m, layout)
+    ref = F._token_squarings_plain(series, js.long(), h, m, layout)
     tol = 1e-5 if dtype == torch.float32 else 1e-13
     torch.testing.assert_close(fast, ref, atol=tol, rtol=0)
     grad = randn(*ref.shape, seed=2, dtype=dtype)
-    d_fast = K.squarings_backward(series, js, grad.contiguous(), h, m, entry_major)
+    d_fast = K.squarings_backward(series, js, grad.contiguous(), h, m, layout)
     leaf = series.clone().requires_grad_(True)
     (d_ref,) = torch.autograd.grad(
-        F._token_squarings_plain(leaf, js.long(), h, m, entry_major), leaf, grad
+        F._token_squarings_plain(leaf, js.long(), h, m, layout), leaf, grad
     )
     torch.testing.assert_close(d_fast, d_ref, atol=50 * tol, rtol=0)
 
 
 @needs_kernels
-@pytest.mark.parametrize("entry_major", [True, False])
-def test_kernel_squarings_gradcheck(entry_major):
+@pytest.mark.parametrize("layout", ["entry", "batch"])
+def test_kernel_squarings_gradcheck(layout):
     h, m, n, s = 1, 2, 3, 4
     series = orthogonal(n * h * m, s, seed=3, dtype=torch.float64).view(n, h * m, s, s)
-    if entry_major:
+    if layout == "entry":
         series = series.permute(2, 3, 1, 0).contiguous()
     js = torch.tensor([2, 0, 1], dtype=torch.int32)
     series.requires_grad_(True)
 
     def fn(t):
-        return F._KernelSquarings.apply(t, js, h, m, entry_major)
+        return F._KernelSquarings.apply(t, js, h, m, layout)
 
     assert torch.autograd.gradcheck(fn, (series,))
     assert torch.autograd.gradgradcheck(fn, (series,))  # recomputed in plain ops
@@ -152,12 +156,15 @@ def encode(enc, positions, x_seed=0):
 
 
 @needs_kernels
-@pytest.mark.parametrize("block", [4, 8, 16])
-@pytest.mark.parametrize("heads", [1, 3])
-def test_layer_with_kernels_matches_the_pytorch_path(monkeypatch, block, heads):
-    # paper init, 2D grid: different degree and squaring counts, same rotations
-    enc = LieRE(16 if block < 16 else 32, 2, num_heads=heads, block_size=block)
-    positions = grid_positions(6, 5)
+@pytest.mark.parametrize(
+    "block, heads, sizes",
+    [(4, 1, (6, 5)), (8, 3, (6, 5)), (16, 1, (6, 5)), (32, 3, (4, 4)), (64, 1, (4, 4))]
+    + [(8, 3, (7,)), (4, 2, (2, 3, 3)), (8, 1, (3, 2, 2))],  # 1 axis; 3 axes
+)
+def test_layer_with_kernels_matches_the_pytorch_path(monkeypatch, block, heads, sizes):
+    # paper init: different degree and squaring counts, same rotations
+    enc = LieRE(max(16, block), len(sizes), num_heads=heads, block_size=block)
+    positions = grid_positions(*sizes)
     fast = encode(enc, positions)
     monkeypatch.setattr(K, "usable", lambda *tensors, size, sizes=K.SIZES: False)
     slow = encode(enc, positions)

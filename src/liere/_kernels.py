@@ -711,48 +711,55 @@ def _fn(kind: str, dtype: torch.dtype, size: int) -> ctypes._CFuncPtr:  # type: 
     return fn
 
 
-def _series_strides(series: Tensor, entry_major: bool, h: int, m: int) -> tuple[int, ...]:
-    """Strides (entry, head, block, token) of a series laid out entry-major ``(s, s, h*m, N)``
-    or batch-major ``(N, h*m, s, s)`` (contiguous)."""
-    if entry_major:
-        n = series.shape[-1]
+# Layouts of a series the squarings read (token n, head h, block m, entry e = (i, j)):
+#   "entry"     (s, s, h*m, N)  the 1-2 axis GEMM for blocks <= 8
+#   "batch"     (N, h*m, s, s)  the 1-2 axis GEMM for larger blocks
+#   "entry-hnm" (s, s, h*N*m)   the 3-axis Paterson-Stockmeyer series for blocks <= 8
+LAYOUTS = ("entry", "batch", "entry-hnm")
+
+
+def _series_strides(layout: str, s: int, h: int, m: int, n: int) -> tuple[int, ...]:
+    """Strides (entry, head, block, token) of a contiguous series in ``layout``."""
+    if layout == "entry":
         return (h * m * n, m * n, n, 1)
-    s = series.shape[-1]
-    return (1, m * s * s, s * s, h * m * s * s)
+    if layout == "batch":
+        return (1, m * s * s, s * s, h * m * s * s)
+    if layout == "entry-hnm":
+        return (h * n * m, n * m, 1, m)
+    raise ValueError(f"unknown series layout {layout!r}; expected one of {LAYOUTS}")
 
 
-def squarings_forward(
-    series: Tensor, squarings: Tensor, h: int, m: int, entry_major: bool
-) -> Tensor:
+def block_size_of(series: Tensor, layout: str) -> int:
+    return int(series.shape[-1] if layout == "batch" else series.shape[0])
+
+
+def squarings_forward(series: Tensor, squarings: Tensor, h: int, m: int, layout: str) -> Tensor:
     """``R[h, n, m] = T[h, m, n]^(2^squarings[n])`` (Note [compiled kernels]).
 
     Shape:
-        series ``(s, s, h*m, N)`` (entry-major) or ``(N, h*m, s, s)``, contiguous;
-        squarings ``(N,)`` int32 -> ``(h, N, m, s, s)``
+        series contiguous in ``layout`` (``LAYOUTS``); squarings ``(N,)`` int32
+        -> ``(h, N, m, s, s)``
     """
-    s = series.shape[0] if entry_major else series.shape[-1]
-    n = squarings.shape[0]
+    s, n = block_size_of(series, layout), squarings.shape[0]
     out = series.new_empty(h, n, m, s, s)
-    strides = (ctypes.c_int64 * 4)(*_series_strides(series, entry_major, h, m))
+    strides = (ctypes.c_int64 * 4)(*_series_strides(layout, s, h, m, n))
     _fn("squarings", series.dtype, s)(
-        _ptr(series), strides, _ptr(squarings), None, _ptr(out), h, m, n, 0,
-        _threads(),
-    )  # fmt: skip
+        _ptr(series), strides, _ptr(squarings), None, _ptr(out), h, m, n, 0, _threads()
+    )
     return out
 
 
 def squarings_backward(
-    series: Tensor, squarings: Tensor, grad: Tensor, h: int, m: int, entry_major: bool
+    series: Tensor, squarings: Tensor, grad: Tensor, h: int, m: int, layout: str
 ) -> Tensor:
     """``dL/dT`` from ``dL/dR`` (``grad``, contiguous ``(h, N, m, s, s)``), laid out like
     ``series``."""
-    s = series.shape[0] if entry_major else series.shape[-1]
+    s, n = block_size_of(series, layout), squarings.shape[0]
     out = torch.empty_like(series)
-    strides = (ctypes.c_int64 * 4)(*_series_strides(series, entry_major, h, m))
+    strides = (ctypes.c_int64 * 4)(*_series_strides(layout, s, h, m, n))
     _fn("squarings", series.dtype, s)(
-        _ptr(series), strides, _ptr(squarings), _ptr(grad), _ptr(out), h, m,
-        squarings.shape[0], 1, _threads(),
-    )  # fmt: skip
+        _ptr(series), strides, _ptr(squarings), _ptr(grad), _ptr(out), h, m, n, 1, _threads()
+    )
     return out
 
 

@@ -673,36 +673,42 @@ def _squaring_levels(js: Tensor) -> tuple[tuple[int, ...], Optional[Tensor]]:
 
 class _KernelSquarings(torch.autograd.Function):
     """``R[h, n, m] = T[h, m, n]^(2^j_n)`` by the compiled kernel (Note [compiled kernels] in
-    ``liere._kernels``): no sorting, nothing saved but ``T`` and ``j``."""
+    ``liere._kernels``): no sorting, nothing saved but ``T`` and ``j``. ``layout`` is the
+    series' layout (``_kernels.LAYOUTS``)."""
 
     @staticmethod
-    def forward(ctx: Any, series: Tensor, js: Tensor, h: int, m: int, entry_major: bool) -> Tensor:
+    def forward(ctx: Any, series: Tensor, js: Tensor, h: int, m: int, layout: str) -> Tensor:
         ctx.save_for_backward(series, js)
-        ctx.layout = (h, m, entry_major)
-        return _kernels.squarings_forward(series, js, h, m, entry_major)
+        ctx.layout = (h, m, layout)
+        return _kernels.squarings_forward(series, js, h, m, layout)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None, None, None]:
         series, js = ctx.saved_tensors
-        h, m, entry_major = ctx.layout
+        h, m, layout = ctx.layout
         if torch.is_grad_enabled():  # create_graph=True: recompute differentiably
             with torch.enable_grad():
-                out = _token_squarings_plain(series, js, h, m, entry_major)
+                out = _token_squarings_plain(series, js, h, m, layout)
                 (d_series,) = torch.autograd.grad(out, series, grad, create_graph=True)
             return d_series, None, None, None, None
-        d_series = _kernels.squarings_backward(series, js, grad.contiguous(), h, m, entry_major)
+        d_series = _kernels.squarings_backward(series, js, grad.contiguous(), h, m, layout)
         return d_series, None, None, None, None
 
 
-def _token_squarings_plain(series: Tensor, js: Tensor, h: int, m: int, entry_major: bool) -> Tensor:
+def _token_squarings_plain(series: Tensor, js: Tensor, h: int, m: int, layout: str) -> Tensor:
     """``_KernelSquarings`` in plain autograd ops (the reference; double backward).
 
     Shape:
-        series ``(s, s, h*m, N)`` (entry-major) or ``(N, h*m, s, s)``; js ``(N,)``
-        -> ``(h, N, m, s, s)``
+        series in ``layout`` (``_kernels.LAYOUTS``); js ``(N,)`` -> ``(h, N, m, s, s)``
     """
-    out = series.permute(3, 2, 0, 1) if entry_major else series  # (N, hm, s, s)
-    count, size = out.shape[0], out.shape[-1]
+    count, size = js.shape[0], _kernels.block_size_of(series, layout)
+    if layout == "entry":
+        out = series.view(size, size, h * m, count).permute(3, 2, 0, 1)
+    elif layout == "batch":
+        out = series.view(count, h * m, size, size)
+    else:  # entry-hnm
+        out = series.view(size, size, h, count, m).permute(3, 2, 4, 0, 1)
+        out = out.reshape(count, h * m, size, size)
     for level in range(1, (int(js.max()) if js.numel() else 0) + 1):
         out = torch.where((js >= level).view(-1, 1, 1, 1), torch.matmul(out, out), out)
     return out.reshape(count, h, m, size, size).transpose(0, 1)
@@ -781,8 +787,9 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
             flat = blocks.permute(2, 0, 1, 3).reshape(terms, -1)
             series = torch.matmul(weights, flat).view(count, h * m, size, size)
         if kernel:
+            layout = "entry" if entry_major else "batch"
             rot: Tensor = _KernelSquarings.apply(
-                series, js.to(torch.int32), h, m, entry_major
+                series, js.to(torch.int32), h, m, layout
             )  # (h, N, m, s, s)
         else:
             out: Tensor = _Squarings.apply(series, counts, entry_major) if counts else series
@@ -809,6 +816,11 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         gen = torch.matmul(positions.unsqueeze(-3), entries.unsqueeze(2))  # (s, s, b, h, n, m)
     else:
         gen = torch.matmul(positions, entries)  # (s, s, h, n, m)
+        if _kernels.usable(bases, size=size) and squarings <= _kernels.MAX_SQUARINGS:
+            series: Tensor = _TaylorSeries.apply(gen.reshape(size, size, -1), True)
+            js = torch.full((positions.shape[0],), squarings, dtype=torch.int32)
+            kernel_rot: Tensor = _KernelSquarings.apply(series, js, h, m, "entry-hnm")
+            return kernel_rot
     out = _exp_by_squaring(gen.reshape(size, size, -1), squarings, True)
     shape = gen.shape[2:]
     return out.view(size, size, *shape).permute(*range(2, 2 + len(shape)), 0, 1).contiguous()
