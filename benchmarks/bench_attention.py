@@ -12,11 +12,15 @@ forward, counted once per storage), ``peak MB`` the CUDA allocator's peak when o
 
 Floor (LieRE cases with blocks > 2): the products the exponential and the blockwise
 application need, forward, each timed in this run, times 3 in training (backward costs two
-per forward product), added to the layer without encoding: the best ratio this algorithm can
-reach on this machine, whatever else is optimised. Per-token products are timed with the
-faster of torch.bmm and the entry-major kernel the fast path uses for blocks <= 8. With one
-or two axes the series is one GEMM plus per-block coefficient products (timed as such) and
-only the squarings are per-token products; otherwise Paterson-Stockmeyer's products are.
+per forward product; the series GEMM counts twice), added to the layer without encoding: the
+best ratio this algorithm can reach on this machine, whatever else is optimised. A per-token
+product is timed as the fastest of torch.bmm, the entry-major kernel (blocks <= 8) and the
+compiled squaring kernel (two squarings of every matrix minus one, when the kernels are
+built), and counted as many times as the tokens' average squaring count. With one or two
+axes the series is one GEMM plus per-block coefficient products (timed as such) and only the
+squarings are per-token products; otherwise Paterson-Stockmeyer's products are. The
+application is timed as the compiled kernel's forward when built, else as the batched
+product.
 
 Case names: ``liere8`` per-head generators with 8x8 blocks (the paper's LieRE_8), ``liere64``
 dense, ``liere8-shared`` one set shared by all heads (``num_heads=1``, the constructor's
@@ -35,6 +39,7 @@ from typing import Optional
 import torch
 
 from liere import AxialRoPE, LieRE, MixedRoPE, RotaryAttention, grid_positions
+from liere import _kernels as K
 from liere import functional as F
 
 
@@ -96,32 +101,50 @@ def floor_ms(
     with torch.no_grad():
         bases = enc.bases().float()
         sigma = torch.linalg.matrix_norm(bases, ord=2)
-        bound = float(torch.matmul(positions.abs().unsqueeze(-3), sigma).amax())
+        token_bound = torch.matmul(positions.abs().unsqueeze(-3), sigma).amax(dim=(-3, -1))
     s, n = enc.block_size, positions.shape[0]
     count = enc.num_heads * n * enc.num_blocks
+    kernel = K.usable(bases, size=s)
     a = torch.randn(count, s, s, device=positions.device)
+    # one product of every matrix: the fastest of torch.bmm, the entry-major kernel (blocks
+    # <= 8) and the compiled squaring kernel (one squaring, loads and stores included)
     t_product = median_ms(lambda: torch.bmm(a, a))
-    if s <= F._ENTRY_MAJOR_MAX_BLOCK:  # the faster of the two product kernels
+    if s <= F._ENTRY_MAJOR_MAX_BLOCK:
         e = a.permute(1, 2, 0).contiguous()
         t_product = min(t_product, median_ms(lambda: F._entry_major_mm(e, e)))
-    t_series = 0.0  # per-block work outside the per-token products (timed, forward)
+    if kernel:  # the marginal cost of one more squaring, loads and stores excluded
+        series, hh, mm = a.view(n, -1, s, s), enc.num_heads, enc.num_blocks
+        one, two = (torch.full((n,), j, dtype=torch.int32) for j in (1, 2))
+        t_one = median_ms(lambda: K.squarings_forward(series, one, hh, mm, "batch"))
+        t_two = median_ms(lambda: K.squarings_forward(series, two, hh, mm, "batch"))
+        t_product = min(t_product, max(t_two - t_one, 0.0))
+    t_gemm = t_coef = 0.0  # per-block work outside the per-token products (timed, forward)
     if F._uses_polynomial(torch.float32, enc.num_axes):
-        degree, theta = F._POLY[torch.float32]
-        products = F.squarings_for(bound, theta=theta)
+        table = F._POLY_KERNEL if kernel and s <= 16 else F._POLY
+        degree, theta = table[torch.float32]
+        products = float(F._token_squarings(token_bound, theta).double().mean())
         terms = F._poly_weights(positions, degree).shape[-1]
         flat = torch.randn(enc.num_heads * enc.num_blocks * s * s, terms, device=positions.device)
         weights = torch.randn(terms, n, device=positions.device)
-        t_series = median_ms(lambda: flat @ weights) + median_ms(
-            lambda: F._poly_coefficients(bases, degree)
-        )
+        t_gemm = median_ms(lambda: flat @ weights)
+        t_coef = median_ms(lambda: F._poly_coefficients(bases, degree))
     else:
         k, chunks, _ = F._TAYLOR[torch.float32]
-        products = (k - 1) + (chunks - 1) + F.squarings_for(bound)
-    cols = 2 * batch * (layer.num_heads // enc.num_heads)
-    x = torch.randn(count, cols, s, device=positions.device)
-    t_app = median_ms(lambda: torch.bmm(x, a))
-    factor = 3 if train else 1  # backward: two products per forward product
-    return factor * (products * t_product + t_series + t_app)
+        products = (k - 1) + (chunks - 1) + F.squarings_for(float(token_bound.max()))
+    heads = layer.num_heads
+    if K.usable(bases, size=s, sizes=K.APPLY_SIZES):
+        q = torch.randn(batch, heads, n, enc.head_dim, device=positions.device)
+        rot = torch.randn(enc.num_heads, n, enc.num_blocks, s, s, device=positions.device)
+        t_app = median_ms(lambda: K.apply_forward(q, q, rot, 0))
+    else:
+        cols = 2 * batch * (heads // enc.num_heads)
+        x = torch.randn(count, cols, s, device=positions.device)
+        t_app = median_ms(lambda: torch.bmm(x, a))
+    if not train:
+        return products * t_product + t_gemm + t_coef + t_app
+    # backward: two products per forward product (per squaring, per coefficient product, per
+    # application), one GEMM (the gradient of the coefficients; positions need none)
+    return 3 * (products * t_product + t_coef + t_app) + 2 * t_gemm
 
 
 def main() -> None:
