@@ -120,8 +120,7 @@ def floor_ms(
         t_product = min(t_product, max(t_two - t_one, 0.0))
     t_gemm = t_coef = 0.0  # per-block work outside the per-token products (timed, forward)
     if F._uses_polynomial(torch.float32, enc.num_axes):
-        table = F._POLY_KERNEL if kernel and s <= 16 else F._POLY
-        degree, theta = table[torch.float32]
+        degree, theta = F._POLY[torch.float32]
         products = float(F._token_squarings(token_bound, theta).double().mean())
         terms = F._poly_weights(positions, degree).shape[-1]
         flat = torch.randn(enc.num_heads * enc.num_blocks * s * s, terms, device=positions.device)

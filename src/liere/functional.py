@@ -476,13 +476,6 @@ def expm_skew(gen: Tensor, *, method: str = "auto") -> Tensor:
 # float32); with three axes T = 969 and Paterson-Stockmeyer per token is cheaper.
 # (degree, theta): theta^(degree+1)/(degree+1)! below the unit roundoff
 _POLY = {torch.float32: (16, 2.69), torch.float64: (24, 2.30)}
-# With the compiled squarings (Note [compiled kernels]) a squaring costs less than the GEMM
-# columns and coefficient levels a high degree needs, so float32 drops to degree 8 (T = 45
-# monomials for two axes instead of 153) and squares twice more (j = 6 instead of 4 at the
-# paper's init on a 14x14 grid). The rounding error, about e^theta * eps * 2^j, stays the
-# same size (122 eps against 240 eps). Blocks of 32 and more keep the high degree: there a
-# squaring is a large product, the series' GEMM columns are cheap by comparison.
-_POLY_KERNEL = {torch.float32: (8, 0.65), torch.float64: (24, 2.30)}
 _POLY_MAX_AXES = 2
 
 
@@ -764,14 +757,17 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         flat_pos = positions.reshape(-1, a)
         count = flat_pos.shape[0]
         token_bound = bound.amax(dim=(-3, -1)).reshape(-1)
-        kernel = _kernels.usable(bases, size=size) and positions.device.type == "cpu"
-        if kernel:
-            degree, theta = (_POLY_KERNEL if size <= 16 else _POLY)[bases.dtype]
-            js = _token_squarings(token_bound, theta)
-            kernel = (int(js.max()) if js.numel() else 0) <= _kernels.MAX_SQUARINGS
-        if not kernel:
-            degree, theta = _POLY[bases.dtype]
-            js = _token_squarings(token_bound, theta)
+        # the same degree and squaring counts with or without the compiled kernels: a lower
+        # degree with more squarings is a little faster there but loses accuracy (each
+        # squaring doubles the rounding error: 1.8e-5 instead of 7.5e-6 off orthogonal at
+        # degree 8 on the paper's 14x14 grid)
+        degree, theta = _POLY[bases.dtype]
+        js = _token_squarings(token_bound, theta)
+        kernel = (
+            _kernels.usable(bases, size=size)
+            and positions.device.type == "cpu"
+            and (int(js.max()) if js.numel() else 0) <= _kernels.MAX_SQUARINGS
+        )
         counts, order = ((), None) if kernel else _squaring_levels(js)
         if order is not None:
             flat_pos, js = flat_pos[order], js[order]
@@ -817,9 +813,9 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
     else:
         gen = torch.matmul(positions, entries)  # (s, s, h, n, m)
         if _kernels.usable(bases, size=size) and squarings <= _kernels.MAX_SQUARINGS:
-            series: Tensor = _TaylorSeries.apply(gen.reshape(size, size, -1), True)
+            taylor: Tensor = _TaylorSeries.apply(gen.reshape(size, size, -1), True)
             js = torch.full((positions.shape[0],), squarings, dtype=torch.int32)
-            kernel_rot: Tensor = _KernelSquarings.apply(series, js, h, m, "entry-hnm")
+            kernel_rot: Tensor = _KernelSquarings.apply(taylor, js, h, m, "entry-hnm")
             return kernel_rot
     out = _exp_by_squaring(gen.reshape(size, size, -1), squarings, True)
     shape = gen.shape[2:]
