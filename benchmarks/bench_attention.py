@@ -39,8 +39,8 @@ from typing import Optional
 import torch
 
 from liere import AxialRoPE, LieRE, MixedRoPE, RotaryAttention, grid_positions
-from liere import _kernels as K
 from liere import functional as F
+from liere import kernels as K
 
 
 def make_layer(name: str, dim: int, heads: int, axes: int) -> RotaryAttention:
@@ -180,7 +180,8 @@ def main() -> None:
     n = args.grid * args.grid + 1
     print(
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-        f"tokens {n}, dim {args.dim}, heads {args.heads}, rounds {args.rounds}, seed {args.seed}"
+        f"tokens {n}, dim {args.dim}, heads {args.heads}, rounds {args.rounds}, seed {args.seed}, "
+        f"{K.status()}"
     )
     header = (
         f"{'mode':<12}{'batch':>6}  {'case':<14}{'ms':>9}{'x axial':>9}{'saved MB':>10}"

@@ -60,7 +60,12 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    print(f"threads {args.threads}; LieRE 6 heads x 64, 8x8 blocks, batch 1; peak RSS above inputs")
+    from liere import kernels
+
+    print(
+        f"threads {args.threads}; LieRE 6 heads x 64, 8x8 blocks, batch 1; peak RSS above "
+        f"inputs; {kernels.status()}"
+    )
     print(
         f"{'grid':<12}{'tokens':>8}  {'mode':<6}{'all at once MB':>16}{'chunked MB':>12}"
         f"{'ratio':>7}{'s once':>8}{'s chunked':>10}"

@@ -15,7 +15,7 @@ import warnings
 
 import torch
 
-from liere import LieRE, grid_positions
+from liere import LieRE, grid_positions, kernels
 from liere import functional as F
 
 
@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    print(f"torch {torch.__version__}, {kernels.status()}")
     print(f"{'block':>5} {'scale':>6} {'||A||_2':>10} {'max|RtR-I|':>12} {'tolerance':>11}")
     for block in args.blocks:
         torch.manual_seed(args.seed)

@@ -1,4 +1,4 @@
-"""The compiled C kernels (Note [compiled kernels] in liere._kernels) against the PyTorch path:
+"""The compiled C kernels (Note [compiled kernels] in liere.kernels) against the PyTorch path:
 per-token squarings and the blockwise application, values and gradients, every compiled
 block size, both dtypes, both series layouts, strided and prefixed q/k; the fallback when
 no compiler is there; the per-token squaring counts of the PyTorch path."""
@@ -13,8 +13,8 @@ import torch
 from conftest import randn
 
 from liere import LieRE, RotaryAttention, grid_positions
-from liere import _kernels as K
 from liere import functional as F
+from liere import kernels as K
 
 needs_kernels = pytest.mark.skipif(
     not K.available(), reason=f"compiled kernels unavailable: {K.unavailable_reason()}"
@@ -236,7 +236,7 @@ def run_python(code, **env):
 
 def test_kernels_can_be_disabled_and_the_library_still_works(tmp_path):
     code = (
-        "import torch; from liere import _kernels as K, LieRE, grid_positions\n"
+        "import torch; from liere import kernels as K, LieRE, grid_positions\n"
         "print(K.available(), K.unavailable_reason())\n"
         "q = torch.randn(1, 1, 9, 16)\n"
         "print(LieRE(16)(q, q, grid_positions(3, 3))[0].shape)\n"
@@ -247,7 +247,7 @@ def test_kernels_can_be_disabled_and_the_library_still_works(tmp_path):
 
 
 def test_missing_compiler_falls_back_with_a_reason(tmp_path):
-    code = "from liere import _kernels as K; print(K.available(), K.unavailable_reason())"
+    code = "from liere import kernels as K; print(K.available(), K.unavailable_reason())"
     out = run_python(code, CC=str(tmp_path / "no-such-cc"), LIERE_CACHE_DIR=str(tmp_path))
     assert out.startswith("False compiling the kernels failed")
     assert "no-such-cc" in out
@@ -255,7 +255,7 @@ def test_missing_compiler_falls_back_with_a_reason(tmp_path):
 
 @needs_kernels
 def test_kernels_build_into_the_cache_dir(tmp_path):
-    code = "from liere import _kernels as K; print(K.available())"
+    code = "from liere import kernels as K; print(K.available())"
     assert run_python(code, LIERE_CACHE_DIR=str(tmp_path)).strip() == "True"
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
 

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from liere import _kernels
+from liere import kernels as _kernels
 
 __all__ = [
     "skew_symmetric",
@@ -666,7 +666,7 @@ def _squaring_levels(js: Tensor) -> tuple[tuple[int, ...], Optional[Tensor]]:
 
 class _KernelSquarings(torch.autograd.Function):
     """``R[h, n, m] = T[h, m, n]^(2^j_n)`` by the compiled kernel (Note [compiled kernels] in
-    ``liere._kernels``): no sorting, nothing saved but ``T`` and ``j``. ``layout`` is the
+    ``liere.kernels``): no sorting, nothing saved but ``T`` and ``j``. ``layout`` is the
     series' layout (``_kernels.LAYOUTS``)."""
 
     @staticmethod

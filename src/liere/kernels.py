@@ -1,21 +1,29 @@
-"""Optional compiled CPU kernels for the two hot loops of LieRE with small blocks.
+"""Optional compiled CPU kernels for the two hot loops of LieRE: the squarings and the
+blockwise application of the rotations to q and k.
 
 Note [compiled kernels]
 ~~~~~~~~~~~~~~~~~~~~~~~
-With blocks of 4, 8 or 16 the work left per token after the series GEMM is tiny (an 8x8
-product is 512 multiply-adds) but there are many tokens: torch.bmm of 9,408 8x8 matrices
-spends most of its time on per-matrix overhead, and the eager entry-major products of
-``functional`` make one pass over the whole batch per multiply-add row. Two plain C loops
-keep each matrix in registers/L1 instead:
+After the series GEMM the work left per token is small (an 8x8 product is 512 multiply-adds)
+but there are many tokens: torch.bmm of 9,408 8x8 matrices spends most of its time on
+per-matrix overhead, the eager entry-major products of ``functional`` make one pass over
+the whole batch per multiply-add row, and rotating q and k through bmm needs a gather and a
+scatter of both. Plain C loops keep each matrix in registers or L1 instead:
 
 * ``squarings``: ``R = T^(2^j_n)`` per matrix, each token with its own ``j_n`` (Note
-  [per-token squarings]), written straight into the ``(h, n, m, s, s)`` layout the
-  application reads. The backward recomputes the squares from ``T`` (nothing but ``T`` is
-  saved) and runs ``G <- G S^T + S^T G`` per matrix.
-* ``apply``: ``q' = R q`` and ``k' = R k`` block by block, read in place from any strides
-  (q and k are usually views of one qkv tensor) and written to fresh contiguous tensors,
-  prefix tokens copied; the backward gives ``R^T dq'`` and ``dR = sum_batch dq' q^T`` with
-  each thread owning a (head, token) slice of ``dR``.
+  [per-token squarings] in ``functional``), written straight into the ``(h, n, m, s, s)``
+  layout the application reads. Blocks up to 16 are squared 16 at a time, one matrix per
+  vector lane; blocks of 32 and 64 one at a time with a register-tiled product. The backward
+  recomputes the squares from ``T`` (nothing but ``T`` is saved) and runs
+  ``G <- G S^T + S^T G`` per matrix.
+* ``apply``: ``q' = R q`` and ``k' = R k`` block by block for blocks up to 64, read in place
+  from any strides (q and k are usually views of one qkv tensor) and written to fresh
+  contiguous tensors, prefix tokens copied; one token per task, batch rows in tiles that
+  share each load of ``R``. The backward gives ``R^T dq'`` and ``dR = sum_batch dq' q^T``.
+
+Both split their work over torch's OpenMP threads: built with ``-fopenmp``, the library
+links ``libgomp.so.1``, which resolves to the copy torch has loaded, so the kernels run on
+torch's worker threads (awake right after torch's own parallel ops) instead of competing
+with them. Without OpenMP they start pthreads.
 
 The source is C11 with GCC/Clang vector extensions and pthreads (no Python or torch
 headers), compiled on first use with the system C compiler (``$CC``, else
@@ -43,7 +51,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["available", "unavailable_reason", "SIZES", "MAX_SQUARINGS"]
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "usable",
+    "status",
+    "SIZES",
+    "APPLY_SIZES",
+    "MAX_SQUARINGS",
+]
 
 # block sizes compiled; other sizes use the PyTorch path
 SIZES = (4, 8, 16, 32, 64)
@@ -671,10 +687,16 @@ def unavailable_reason() -> str:
     return str(_state.get("reason", ""))
 
 
+def status() -> str:
+    """One line for logs and benchmark headers: ``"kernels on"`` or why they are off."""
+    return "kernels on" if available() else f"kernels off ({unavailable_reason()})"
+
+
 def usable(*tensors: Tensor, size: int, sizes: tuple[int, ...] = SIZES) -> bool:
     """Whether the kernels can serve these tensors: CPU, one dtype among float32/float64, a
     block size among ``sizes`` (``SIZES`` for the squarings, ``APPLY_SIZES`` for the
-    application) and the kernels built."""
+    application) and the kernels built. Callers skip the kernels while tracing
+    (``functional.is_tracing``)."""
     if size not in sizes:
         return False
     dtype = tensors[0].dtype
