@@ -33,3 +33,13 @@ def float_dtype(request):
 @pytest.fixture(params=[torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def half_dtype(request):
     return request.param
+
+
+@pytest.fixture(params=["kernels", "pytorch"])
+def both_paths(request, monkeypatch):
+    """Run a test with the compiled kernels (when built) and again on the PyTorch path."""
+    if request.param == "pytorch":
+        from liere import kernels
+
+        monkeypatch.setattr(kernels, "usable", lambda *tensors, size, sizes=None: False)
+    return request.param

@@ -271,3 +271,15 @@ def test_attention_layer_runs_the_kernels_under_no_grad_and_train():
     b.sum().backward()
     torch.testing.assert_close(a, b.detach())
     assert layer.pos_enc.weight.grad is not None
+
+
+@needs_kernels
+def test_more_squarings_than_the_kernels_take_fall_back(monkeypatch):
+    bases = F.skew_symmetric(randn(1, 1, 1, 6, seed=5), 4)  # (h=1, a=1, m=1, 4, 4)
+    positions = torch.tensor([[0.5], [3.0]])
+    expected = F.lie_rotations(positions, bases)
+    calls = []
+    monkeypatch.setattr(K, "MAX_SQUARINGS", 0)  # every token needs at least one
+    monkeypatch.setattr(K, "squarings_forward", lambda *a: calls.append(a))
+    torch.testing.assert_close(F.lie_rotations(positions, bases), expected, atol=1e-6, rtol=0)
+    assert not calls

@@ -12,6 +12,11 @@ from liere import LieRE, RotaryAttention, grid_positions
 from liere import functional as F
 
 
+@pytest.fixture(autouse=True)
+def _on_both_paths(both_paths):
+    """Every test here runs with and without the compiled kernels."""
+
+
 def taylor_autograd(x, squarings):
     """The plain series sum_i X^i / i! (degree as the fast path) and j squarings, autograd."""
     k, chunks, _ = F._TAYLOR[x.dtype]

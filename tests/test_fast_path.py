@@ -10,6 +10,11 @@ from liere import functional as F
 from liere.testing import assert_orthogonal
 
 
+@pytest.fixture(autouse=True)
+def _on_both_paths(both_paths):
+    """Every test here runs with and without the compiled kernels."""
+
+
 def paper_bases(h, a, m, s, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     params = torch.rand(h, a, m, s * (s - 1) // 2, generator=gen, dtype=torch.float64) * 6.2832

@@ -2,6 +2,7 @@
 chunked rotation for big grids, bf16 training, mismatched checkpoints."""
 
 import warnings
+from unittest import mock
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from conftest import randn
 from hypothesis import given
 from hypothesis import strategies as st
 
-from liere import AxialRoPE, LieRE, MixedRoPE, grid_positions
+from liere import AxialRoPE, LieRE, MixedRoPE, grid_positions, kernels
 from liere.experiments import TrainConfig, train
 from liere.functional import expm_skew_reference
 from liere.models import VisionTransformer
@@ -74,10 +75,18 @@ def encodings(draw):
     st.booleans(),
     st.floats(0.1, 4.0),
     st.integers(0, 2**16),
+    st.booleans(),
 )
 def test_fuzz_against_float64_reference(
-    enc_heads, dtype, batch, tokens, per_sample, contiguous, scale, seed
+    enc_heads, dtype, batch, tokens, per_sample, contiguous, scale, seed, kernels_on
 ):
+    # with the compiled kernels (when built) or on the PyTorch path
+    usable = kernels.usable if kernels_on else (lambda *tensors, size, sizes=None: False)
+    with mock.patch.object(kernels, "usable", usable):
+        fuzz_case(enc_heads, dtype, batch, tokens, per_sample, contiguous, scale, seed)
+
+
+def fuzz_case(enc_heads, dtype, batch, tokens, per_sample, contiguous, scale, seed):
     enc, heads = enc_heads
     d, a = enc.head_dim, enc.num_axes
     gen = torch.Generator().manual_seed(seed)
