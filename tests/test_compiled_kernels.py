@@ -254,6 +254,31 @@ def test_missing_compiler_falls_back_with_a_reason(tmp_path):
 
 
 @needs_kernels
+def test_kernels_on_pthreads_match_the_pytorch_path(tmp_path):
+    # built without OpenMP the kernels split work over pthreads
+    code = (
+        "import torch; from unittest import mock\n"
+        "from liere import LieRE, grid_positions, kernels as K\n"
+        "torch.set_num_threads(2); assert K.available(), K.unavailable_reason()\n"
+        "enc = LieRE(64, 2, num_heads=3, block_size=8)\n"
+        "qkv = torch.randn(4, 17, 3, 3, 64)\n"
+        "wa, wb = torch.randn(4, 3, 17, 64), torch.randn(4, 3, 17, 64)\n"
+        "q, k = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in (0, 1))\n"
+        "def run():\n"
+        "    enc.zero_grad(); q.grad = k.grad = None\n"
+        "    a, b = enc(q, k, grid_positions(4, 4), num_prefix_tokens=1)\n"
+        "    ((a * wa).sum() + (b * wb).sum()).backward()  # |Ra|^2, Ra.Rb: no R gradient\n"
+        "    return a, b, q.grad, k.grad, enc.weight.grad\n"
+        "fast = run()\n"
+        "with mock.patch.object(K, 'usable', lambda *t, size, sizes=None: False):\n"
+        "    slow = run()\n"
+        "print(max(float((f - s).abs().max() / s.abs().max()) for f, s in zip(fast, slow)))\n"
+    )
+    out = run_python(code, LIERE_KERNELS_OPENMP="0", LIERE_CACHE_DIR=str(tmp_path))
+    assert float(out) < 1e-5
+
+
+@needs_kernels
 def test_kernels_build_into_the_cache_dir(tmp_path):
     code = "from liere import kernels as K; print(K.available())"
     assert run_python(code, LIERE_CACHE_DIR=str(tmp_path)).strip() == "True"

@@ -81,6 +81,13 @@ _COMMON = r"""
 #include <string.h>
 
 typedef void (*range_fn)(const void *ctx, int64_t lo, int64_t hi);
+
+/* buffer aligned for the widest vector type used (16 doubles); C11 aligned_alloc wants a
+   size that is a multiple of the alignment */
+static void *alloc_vectors(size_t size) {
+    return aligned_alloc(128, (size + 127) / 128 * 128);
+}
+#ifndef _OPENMP
 typedef struct { range_fn fn; const void *ctx; int64_t lo, hi; } job_t;
 
 static void *run_job(void *p) {
@@ -88,6 +95,7 @@ static void *run_job(void *p) {
     if (j->lo < j->hi) j->fn(j->ctx, j->lo, j->hi);
     return NULL;
 }
+#endif
 
 /* fn over [0, n) split in `threads` contiguous ranges. With OpenMP (the build links the
    libgomp torch has loaded, same soname) the ranges run on torch's own worker threads, which
@@ -227,7 +235,7 @@ static void sq_fwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
 
 static void sq_bwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
     const sq_ctx_SFX *c = (const sq_ctx_SFX *)vc;
-    vec_SFX *squares = (vec_SFX *)aligned_alloc(sizeof(vec_SFX), sizeof(vec_SFX) * S * S * MAXSQ);
+    vec_SFX *squares = (vec_SFX *)alloc_vectors(sizeof(vec_SFX) * S * S * MAXSQ);
     vec_SFX g[S * S], g2[S * S];
     ivec_SFX jv;
     if (!squares) abort();
@@ -314,7 +322,7 @@ static void load_matrix_SFX(const REAL *src, int64_t se, REAL *dst) {
 
 static void sq_fwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
     const sq_ctx_SFX *c = (const sq_ctx_SFX *)vc;
-    REAL *buf = (REAL *)aligned_alloc(64, sizeof(REAL) * 2 * S * S);
+    REAL *buf = (REAL *)alloc_vectors(sizeof(REAL) * 2 * S * S);
     if (!buf) abort();
     for (int64_t idx = lo; idx < hi; idx++) {
         const int64_t n = idx % c->N, hm = idx / c->N, m = hm % c->M, h = hm / c->M;
@@ -328,7 +336,7 @@ static void sq_fwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
 
 static void sq_bwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
     const sq_ctx_SFX *c = (const sq_ctx_SFX *)vc;
-    REAL *buf = (REAL *)aligned_alloc(64, sizeof(REAL) * (MAXSQ + 3) * S * S);
+    REAL *buf = (REAL *)alloc_vectors(sizeof(REAL) * (MAXSQ + 3) * S * S);
     if (!buf) abort();
     REAL *squares = buf, *g = buf + MAXSQ * S * S, *g2 = g + S * S, *st = g2 + S * S, *tmp;
     for (int64_t idx = lo; idx < hi; idx++) {
@@ -437,7 +445,7 @@ static void app_range_SFX(const void *vc, int64_t lo, int64_t hi, int backward) 
     const int need_x = !backward || c->drot;
     /* mats: columns (forward) or rows (backward) of every block of R per rotation head, in
        chunks; drs: dR likewise; rowbuf: rows made contiguous when strided */
-    chunk_SFX *vbuf = (chunk_SFX *)aligned_alloc(64, sizeof(chunk_SFX) * 2 * HR * block);
+    chunk_SFX *vbuf = (chunk_SFX *)alloc_vectors(sizeof(chunk_SFX) * 2 * HR * block);
     REAL *rowbuf = (REAL *)malloc(sizeof(REAL) * 2 * RB * D);
     if (!vbuf || !rowbuf) abort();
     chunk_SFX *mats = vbuf, *drs = vbuf + HR * block;
@@ -622,6 +630,8 @@ def _compile(source: str) -> tuple[Optional[ctypes.CDLL], str]:
         ["-O3", "-march=native", "-ffp-contract=fast"],
         ["-O3", "-ffp-contract=fast"],
     ]
+    if _off(os.environ.get("LIERE_KERNELS_OPENMP", "1")):  # pthreads instead (tests)
+        attempts = attempts[1:]
     errors = []
     for flags in attempts:
         key = hashlib.sha256(
@@ -658,12 +668,16 @@ def _compile(source: str) -> tuple[Optional[ctypes.CDLL], str]:
     return None, "compiling the kernels failed: " + " | ".join(errors)
 
 
+def _off(value: str) -> bool:
+    return value.strip().lower() in ("0", "false", "no", "off")
+
+
 def _library() -> Optional[ctypes.CDLL]:
     if "lib" in _state:
         return _state["lib"]  # type: ignore[return-value]
     with _lock:
         if "lib" not in _state:
-            if os.environ.get("LIERE_KERNELS", "1").strip().lower() in ("0", "false", "no", "off"):
+            if _off(os.environ.get("LIERE_KERNELS", "1")):
                 lib, reason = None, "disabled by LIERE_KERNELS=0"
             else:
                 try:
