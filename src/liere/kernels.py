@@ -135,6 +135,36 @@ static void parallel_for(range_fn fn, const void *ctx, int64_t n, int threads) {
 }
 """
 
+# Pieces shared by both squaring templates: the context (where the series, the squaring counts,
+# the upstream gradient and the output are) and the exported entry point, whose work items are
+# lane groups (small blocks) or single matrices (large blocks).
+_SQ_CONTEXT = """typedef struct {
+    const REAL *t;          /* series: entry e = i*S+j of block (h, m) of token n at   */
+    int64_t se, sh, sm, sn; /*   t[e*se + h*sh + m*sm + n*sn]                           */
+    const int32_t *sq;      /* squarings per token (n)                                  */
+    const REAL *grad;       /* backward: dL/dR, (H, N, M, S, S) contiguous              */
+    REAL *out;              /* forward: R (H, N, M, S, S); backward: dL/dT, strides of t */
+    int64_t H, M, N;
+} sq_ctx_SFX;
+"""
+
+_SQ_ENTRY = """void liere_squarings_SFX(const REAL *t, const int64_t *strides, const int32_t *sq,
+                         const REAL *grad, REAL *out, int64_t H, int64_t M, int64_t N,
+                         int backward, int threads) {
+    sq_ctx_SFX c;
+    c.t = t; c.se = strides[0]; c.sh = strides[1]; c.sm = strides[2]; c.sn = strides[3];
+    c.sq = sq; c.grad = grad; c.out = out; c.H = H; c.M = M; c.N = N;
+    parallel_for(backward ? sq_bwd_range_SFX : sq_fwd_range_SFX, &c, ITEMS, threads);
+}
+"""
+
+
+def _with_shared_pieces(template: str) -> str:
+    """Expand ``SQ_CONTEXT`` and ``SQ_ENTRY(items)`` in a squaring template."""
+    template = template.replace("SQ_CONTEXT\n", _SQ_CONTEXT)
+    return re.sub(r"SQ_ENTRY\((.*)\)\n", lambda m: _SQ_ENTRY.replace("ITEMS", m.group(1)), template)
+
+
 # One instance per (real type, block size S). Layout letters as in liere.functional. The
 # squarings work on LW matrices at once, one per vector lane ("structure of arrays"): every
 # multiply-add is a full-width vector operation with no dependency between lanes.
@@ -178,14 +208,7 @@ static inline void blend_SFX(vec_SFX *restrict r, const vec_SFX *restrict x, ive
         r[e] = (vec_SFX)(((ivec_SFX)x[e] & mask) | ((ivec_SFX)r[e] & ~mask));
 }
 
-typedef struct {
-    const REAL *t;          /* series: entry e = i*S+j of block (h, m) of token n at   */
-    int64_t se, sh, sm, sn; /*   t[e*se + h*sh + m*sm + n*sn]                           */
-    const int32_t *sq;      /* squarings per token (n)                                  */
-    const REAL *grad;       /* backward: dL/dR, (H, N, M, S, S) contiguous              */
-    REAL *out;              /* forward: R (H, N, M, S, S); backward: dL/dT, strides of t */
-    int64_t H, M, N;
-} sq_ctx_SFX;
+SQ_CONTEXT
 
 /* group idx = (h, m, LW consecutive tokens from n0): load entries lane-wise (padding
    lanes get the identity and no squaring) */
@@ -265,15 +288,7 @@ static void sq_bwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
     free(squares);
 }
 
-void liere_squarings_SFX(const REAL *t, const int64_t *strides, const int32_t *sq,
-                         const REAL *grad, REAL *out, int64_t H, int64_t M, int64_t N,
-                         int backward, int threads) {
-    sq_ctx_SFX c;
-    c.t = t; c.se = strides[0]; c.sh = strides[1]; c.sm = strides[2]; c.sn = strides[3];
-    c.sq = sq; c.grad = grad; c.out = out; c.H = H; c.M = M; c.N = N;
-    parallel_for(backward ? sq_bwd_range_SFX : sq_fwd_range_SFX, &c,
-                 H * M * ((N + LW - 1) / LW), threads);
-}
+SQ_ENTRY(H * M * ((N + LW - 1) / LW))
 
 """
 
@@ -306,14 +321,7 @@ static void gemm_SFX(const REAL *restrict a, const REAL *restrict b, REAL *restr
     }
 }
 
-typedef struct {
-    const REAL *t;          /* series: entry e = i*S+j of block (h, m) of token n at   */
-    int64_t se, sh, sm, sn; /*   t[e*se + h*sh + m*sm + n*sn]                           */
-    const int32_t *sq;      /* squarings per token (n)                                  */
-    const REAL *grad;       /* backward: dL/dR, (H, N, M, S, S) contiguous              */
-    REAL *out;              /* forward: R (H, N, M, S, S); backward: dL/dT, strides of t */
-    int64_t H, M, N;
-} sq_ctx_SFX;
+SQ_CONTEXT
 
 static void load_matrix_SFX(const REAL *src, int64_t se, REAL *dst) {
     if (se == 1) { memcpy(dst, src, sizeof(REAL) * S * S); return; }
@@ -362,14 +370,7 @@ static void sq_bwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
     free(buf);
 }
 
-void liere_squarings_SFX(const REAL *t, const int64_t *strides, const int32_t *sq,
-                         const REAL *grad, REAL *out, int64_t H, int64_t M, int64_t N,
-                         int backward, int threads) {
-    sq_ctx_SFX c;
-    c.t = t; c.se = strides[0]; c.sh = strides[1]; c.sm = strides[2]; c.sn = strides[3];
-    c.sq = sq; c.grad = grad; c.out = out; c.H = H; c.M = M; c.N = N;
-    parallel_for(backward ? sq_bwd_range_SFX : sq_fwd_range_SFX, &c, H * M * N, threads);
-}
+SQ_ENTRY(H * M * N)
 """
 
 # The blockwise application, one instance per (real type, block size S).
@@ -587,8 +588,9 @@ def _instance(template: str, real: str, size: int) -> str:
 def _source() -> str:
     parts = [_COMMON, f"#define MAXSQ {MAX_SQUARINGS}\n#define LW {_LANES}\n"]
     for real in _INTS:
-        parts += [_instance(_SQUARINGS, real, size) for size in SIZES if size <= 16]
-        parts += [_instance(_SQUARINGS_LARGE, real, size) for size in SIZES if size > 16]
+        small, large = _with_shared_pieces(_SQUARINGS), _with_shared_pieces(_SQUARINGS_LARGE)
+        parts += [_instance(small, real, size) for size in SIZES if size <= 16]
+        parts += [_instance(large, real, size) for size in SIZES if size > 16]
         parts += [_instance(_APPLY, real, size) for size in APPLY_SIZES]
     return "\n".join(parts)
 
