@@ -31,6 +31,10 @@ headers), compiled on first use with the system C compiler (``$CC``, else
 (default ``~/.cache/liere``), keyed by the source, the compiler and the CPU. Without a
 compiler, on other devices, or with ``LIERE_KERNELS=0``, everything runs on the PyTorch
 path, which is also the reference the tests compare with.
+
+Environment: ``LIERE_KERNELS=0`` (off), ``LIERE_CACHE_DIR`` (where the library is cached),
+``CC`` (the compiler), ``LIERE_KERNELS_OPENMP=0`` (build with pthreads instead of OpenMP),
+``LIERE_KERNEL_THREADS`` (threads per call; default ``torch.get_num_threads()``).
 """
 
 from __future__ import annotations
