@@ -379,7 +379,7 @@ def _exp_by_squaring(x: Tensor, squarings: int, entry_major: bool) -> Tensor:
 
 # Note [extrapolation]: float32 rotations lose orthogonality in proportion to the generator
 # norm. Measured by benchmarks/extrapolation.py (paper init, seed 0, 14x14 grid scaled):
-# 8x8 blocks max|R^T R - I| = 7.2e-6 at 1x the training range (||G|| = 40), 5.5e-5 at 8x
+# 8x8 blocks max|R^T R - I| = 7.5e-6 at 1x the training range (||G|| = 40), 5.8e-5 at 8x
 # (||G|| = 318); dense 64x64 4.0e-5 at 1x (||G|| = 262), 3.1e-4 at 8x (||G|| = 2,096); about
 # 1.5e-7 * ||G|| at large norms. The tests hold it to 10 * s * eps * max(1, ||G||). Past
 # ||G|| = 2^14 the error passes 1e-3 and keeps growing, so a RuntimeWarning says so; float64
