@@ -725,13 +725,15 @@ class _TakeTokens(torch.autograd.Function):
 def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> Tensor:
     """``R[.., h, n, m] = exp(sum_a p[.., n, a] B[h, a, m])`` for every token and block.
 
-    The fast path never materialises an unscaled generator: the number of squarings ``j``
-    comes from the bound ``||sum_a p_a B_a||_2 <= sum_a |p_a| ||B_a||_2`` (exact spectral norms
-    of the few basis blocks; tight for skew-symmetric, hence normal, matrices) and ``2^-j`` is
-    folded into the positions (or bases). With one or two axes the Taylor series of every
-    token comes from one GEMM (Note [series as a polynomial in the positions]), otherwise from
-    Paterson-Stockmeyer per token (Note [Taylor scaling and squaring]); ``j`` squarings follow.
-    ``method`` as in ``expm_skew``.
+    The fast path never materialises an unscaled generator: the number of squarings comes
+    from the bound ``||sum_a p_a B_a||_2 <= sum_a |p_a| ||B_a||_2`` (exact spectral norms of the
+    few basis blocks; tight for skew-symmetric, hence normal, matrices) and ``2^-j`` is folded
+    into the positions (or bases). With one or two axes each token gets its own ``j`` (Note
+    [per-token squarings]) and the Taylor series of every token comes from one GEMM (Note
+    [series as a polynomial in the positions]); with three, one ``j`` for all and
+    Paterson-Stockmeyer per token (Note [Taylor scaling and squaring]). The squarings run in
+    the compiled kernels when they are built (Note [compiled kernels] in ``liere.kernels``),
+    else in PyTorch ops. ``method`` as in ``expm_skew``.
 
     Shape:
         positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)`` (skew-symmetric)
