@@ -100,7 +100,7 @@ def floor_ms(
         return None
     with torch.no_grad():
         bases = enc.bases().float()
-        sigma = torch.linalg.matrix_norm(bases, ord=2)
+        sigma = F._spectral_norms(bases)  # the bound lie_rotations uses
         token_bound = torch.matmul(positions.abs().unsqueeze(-3), sigma).amax(dim=(-3, -1))
     s, n = enc.block_size, positions.shape[0]
     count = enc.num_heads * n * enc.num_blocks

@@ -35,11 +35,20 @@ def half_dtype(request):
     return request.param
 
 
+def kernels_unusable(*tensors, size, sizes=None) -> bool:
+    """Stand-in for ``liere.kernels.usable`` that sends everything to the PyTorch path."""
+    return False
+
+
+def use_pytorch_path(monkeypatch) -> None:
+    from liere import kernels
+
+    monkeypatch.setattr(kernels, "usable", kernels_unusable)
+
+
 @pytest.fixture(params=["kernels", "pytorch"])
 def both_paths(request, monkeypatch):
     """Run a test with the compiled kernels (when built) and again on the PyTorch path."""
     if request.param == "pytorch":
-        from liere import kernels
-
-        monkeypatch.setattr(kernels, "usable", lambda *tensors, size, sizes=None: False)
+        use_pytorch_path(monkeypatch)
     return request.param

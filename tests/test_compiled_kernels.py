@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import randn
+from conftest import randn, use_pytorch_path
 
 from liere import LieRE, RotaryAttention, grid_positions
 from liere import functional as F
@@ -29,7 +29,7 @@ def orthogonal(count, size, seed, dtype, scale=0.3):
 @pytest.fixture
 def eager(monkeypatch):
     """Run liere's functions as if the kernels were missing."""
-    monkeypatch.setattr(K, "usable", lambda *tensors, size, sizes=K.SIZES: False)
+    use_pytorch_path(monkeypatch)
 
 
 # -- per-token squarings ----------------------------------------------------------------------
@@ -166,7 +166,7 @@ def test_layer_with_kernels_matches_the_pytorch_path(monkeypatch, block, heads, 
     enc = LieRE(max(16, block), len(sizes), num_heads=heads, block_size=block)
     positions = grid_positions(*sizes)
     fast = encode(enc, positions)
-    monkeypatch.setattr(K, "usable", lambda *tensors, size, sizes=K.SIZES: False)
+    use_pytorch_path(monkeypatch)
     slow = encode(enc, positions)
     for f, s in zip(fast, slow):
         scale = float(s.abs().max())

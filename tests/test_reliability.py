@@ -6,7 +6,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import randn
+from conftest import kernels_unusable, randn
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -81,7 +81,7 @@ def test_fuzz_against_float64_reference(
     enc_heads, dtype, batch, tokens, per_sample, contiguous, scale, seed, kernels_on
 ):
     # with the compiled kernels (when built) or on the PyTorch path
-    usable = kernels.usable if kernels_on else (lambda *tensors, size, sizes=None: False)
+    usable = kernels.usable if kernels_on else kernels_unusable
     with mock.patch.object(kernels, "usable", usable):
         fuzz_case(enc_heads, dtype, batch, tokens, per_sample, contiguous, scale, seed)
 

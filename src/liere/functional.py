@@ -311,17 +311,17 @@ def _token_slicer(entry_major: bool) -> Any:
 
 
 def _squarings_plain(t: Tensor, counts: tuple[int, ...], entry_major: bool) -> Tensor:
-    """``_Squarings`` in plain autograd ops (double backward)."""
-    dim = -1 if entry_major else 0
-    out = t
-    for count in counts:
-        head, tail = out.narrow(dim, 0, count), out.narrow(dim, count, out.shape[dim] - count)
-        if entry_major:
-            sq = torch.einsum("ik...,kj...->ij...", head, head)
-        else:
-            sq = torch.matmul(head, head)
-        out = torch.cat((sq, tail), dim=dim)
-    return out
+    """``_Squarings`` in plain autograd ops (double backward): ``_token_squarings_plain`` with
+    every (head, block) of a token as one block dim, back in ``t``'s layout."""
+    n = t.shape[-1] if entry_major else t.shape[0]
+    size = t.shape[0] if entry_major else t.shape[-1]
+    js = (
+        torch.arange(n, device=t.device).unsqueeze(0)
+        < torch.tensor(counts, device=t.device).unsqueeze(1)
+    ).sum(0)
+    blocks = t.numel() // (n * size * size)
+    out = _token_squarings_plain(t, js, 1, blocks, "entry" if entry_major else "batch")[0]
+    return (out.permute(2, 3, 1, 0) if entry_major else out).reshape(t.shape)
 
 
 def _layout(entry_major: bool) -> tuple[Any, Any, Any]:
@@ -766,8 +766,7 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         degree, theta = _POLY[bases.dtype]
         js = _token_squarings(token_bound, theta)
         kernel = (
-            _kernels.usable(bases, size=size)
-            and positions.device.type == "cpu"
+            _kernels.usable(bases, positions, size=size)
             and (int(js.max()) if js.numel() else 0) <= _kernels.MAX_SQUARINGS
         )
         counts, order = ((), None) if kernel else _squaring_levels(js)
@@ -814,7 +813,7 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         gen = torch.matmul(positions.unsqueeze(-3), entries.unsqueeze(2))  # (s, s, b, h, n, m)
     else:
         gen = torch.matmul(positions, entries)  # (s, s, h, n, m)
-        if _kernels.usable(bases, size=size) and squarings <= _kernels.MAX_SQUARINGS:
+        if _kernels.usable(bases, positions, size=size) and squarings <= _kernels.MAX_SQUARINGS:
             taylor: Tensor = _TaylorSeries.apply(gen.reshape(size, size, -1), True)
             js = torch.full((positions.shape[0],), squarings, dtype=torch.int32)
             kernel_rot: Tensor = _KernelSquarings.apply(taylor, js, h, m, "entry-hnm")
