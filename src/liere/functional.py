@@ -474,6 +474,15 @@ def expm_skew(gen: Tensor, *, method: str = "auto") -> Tensor:
 # since the degree no longer costs per-token products it is raised (theta 2.7 instead of 1.3),
 # which saves a squaring. Used for one or two axes (T = m+1 or (m+1)(m+2)/2 = 17 or 153 in
 # float32); with three axes T = 969 and Paterson-Stockmeyer per token is cheaper.
+#
+# Note [coefficient range]
+# ~~~~~~~~~~~~~~~~~~~~~~~~
+# ||C_e|| can reach binom(|e|, e_0) * prod_a ||B_a||^(e_a): with dense 64x64 blocks at the
+# paper's init (||B_a|| about 130) the degree-16 coefficients of float32 reach 3e36, a factor
+# 100 from overflow, and generators twice as large gave inf and NaN. The bases are therefore
+# scaled by 2^-e to a norm below 1 (e from the largest ||B_a||) and the positions by 2^e, which
+# leaves every generator p_a B_a as it was, bit for bit (powers of two), and bounds ||C_e|| by
+# binom(16, 8) = 12,870.
 # (degree, theta): theta^(degree+1)/(degree+1)! below the unit roundoff
 _POLY = {torch.float32: (16, 2.69), torch.float64: (24, 2.30)}
 _POLY_MAX_AXES = 2
@@ -722,6 +731,175 @@ class _TakeTokens(torch.autograd.Function):
         return grad.index_select(1, inverse), None, None  # differentiable: double backward
 
 
+# Note [products along rays]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~
+# Generators are linear in the position, so the generators of two positions on one ray from the
+# origin commute, and R(p + q) = R(p) R(q) when q = c p with c >= 0: along a ray the rotations
+# form a one-parameter group. Grid positions (grid_positions: index / (reference - 1) on each
+# axis) lie on a lattice p = delta * z with integer z; a token with z = g u (u primitive, g the
+# gcd of z's entries, g >= 2) then has
+#   R(z) = R(ceil(g/2) u) R(floor(g/2) u),
+# one s x s product forward and two backward, in place of its share of the series and j
+# squarings (three products each in training). Both factors must be tokens too, computed
+# directly or split in turn; the splits form levels (ceil(log2 g) deep), each one batched
+# product over its tokens (_RayProducts). On the 14x14 grid 78 of the 196 tokens are split.
+# Accuracy: a split is the top squaring of scaling and squaring (R(2x) = R(x)^2) with its
+# halves' errors added, so a token is split only when the direct path would square it at least
+# once (bound_n > theta); nearer the origin, where a chain of products would start from a tiny
+# generator and pile up rounding the series does not have, tokens are computed directly.
+# A position is taken as on the lattice when it is within 8 ulps of delta * z (the rotation then
+# differs by what rounding the position itself already does; the lattice spacing delta is the
+# smallest non-zero |p_a| of each axis). Everything else is computed directly: off-lattice
+# tokens, repeated positions, tokens whose halves are not tokens (e.g. a grid centred on 0),
+# positions that need a gradient (the split is exact in the bases, not in the positions),
+# per-sample positions and non-CPU tensors (the plan is built on the host, once per distinct
+# set of positions and squaring counts, and kept in a small cache).
+
+_RAY_PLAN_CACHE: dict[tuple[Any, ...], Optional[_RayPlan]] = {}
+_RAY_PLAN_CACHE_SIZE = 8
+_RAY_MAX_INDEX = 2**20
+
+
+class _RayPlan:
+    """Which tokens are products of two others (Note [products along rays]).
+
+    ``base``: tokens computed directly, in the order the direct rotations come in; ``levels``:
+    per level, ``(dst, left, right)`` token indices with ``R[dst] = R[left] @ R[right]``; every
+    ``left``/``right`` is in ``base`` or an earlier level."""
+
+    def __init__(self, n: int, base: list[int], levels: list[tuple[list[int], ...]]) -> None:
+        self.n = n
+        self.base = torch.tensor(base, dtype=torch.long)
+        self.levels = [tuple(torch.tensor(ix, dtype=torch.long) for ix in lv) for lv in levels]
+        self.split = n - len(base)
+        # every level's items one after the other, for the compiled kernel
+        self.items = tuple(torch.cat([lv[k] for lv in self.levels]) for k in range(3))
+
+
+def _ray_plan(positions: Tensor, js: Tensor) -> Optional[_RayPlan]:
+    """The split of ``positions`` into directly computed tokens and products along rays, or
+    ``None`` when no token is split (Note [products along rays]). ``js``: the direct path's
+    squaring count per token; only tokens with ``j >= 1`` are split.
+
+    Shape:
+        positions ``(n, a)`` (CPU); js ``(n,)``
+    """
+    key = (
+        positions.dtype,
+        tuple(positions.shape),
+        tuple(positions.flatten().tolist()),
+        tuple(js.tolist()),
+    )
+    if key in _RAY_PLAN_CACHE:
+        return _RAY_PLAN_CACHE[key]
+    plan = _build_ray_plan(positions, js)
+    if len(_RAY_PLAN_CACHE) >= _RAY_PLAN_CACHE_SIZE:
+        _RAY_PLAN_CACHE.pop(next(iter(_RAY_PLAN_CACHE)))
+    _RAY_PLAN_CACHE[key] = plan
+    return plan
+
+
+def _build_ray_plan(positions: Tensor, js: Tensor) -> Optional[_RayPlan]:
+    n = positions.shape[0]
+    pos = positions.to(torch.float64)
+    mag = pos.abs()
+    spacing = torch.where(mag > 0, mag, torch.full_like(mag, math.inf)).amin(dim=0)
+    spacing = torch.where(torch.isfinite(spacing), spacing, torch.ones_like(spacing))
+    z = pos / spacing
+    zr = torch.round(z)
+    ulps = 8 * torch.finfo(positions.dtype).eps
+    on_lattice = ((z - zr).abs() <= ulps * zr.abs().clamp_min(1)).all(-1)
+    on_lattice &= (zr.abs() <= _RAY_MAX_INDEX).all(-1)
+    zi = torch.where(on_lattice.unsqueeze(-1), zr, torch.zeros_like(zr)).long()
+    g = zi[:, 0].abs()
+    for axis in range(1, zi.shape[1]):
+        g = torch.gcd(g, zi[:, axis])
+    candidates = (on_lattice & (g >= 2) & (js >= 1)).nonzero().flatten()
+    if candidates.numel() == 0:
+        return None
+    index: dict[tuple[int, ...], int] = {}
+    for t, row in zip(on_lattice.nonzero().flatten().tolist(), zi[on_lattice].tolist()):
+        index.setdefault(tuple(row), t)
+    level: dict[int, tuple[int, int, int]] = {}  # token -> (level, left, right)
+    order = candidates[torch.argsort(g[candidates], stable=True)].tolist()  # halves first
+    for t, row, gt in zip(order, zi[order].tolist(), g[order].tolist()):
+        if index[tuple(row)] != t:
+            continue  # a repeated position: computed directly
+        unit = [c // gt for c in row]
+        left = index.get(tuple(c * ((gt + 1) // 2) for c in unit))
+        right = index.get(tuple(c * (gt // 2) for c in unit))
+        if left is None or right is None:
+            continue
+        depth = 1 + max(level.get(left, (0,))[0], level.get(right, (0,))[0])
+        level[t] = (depth, left, right)
+    if not level:
+        return None
+    base = [t for t in range(n) if t not in level]
+    levels: list[tuple[list[int], ...]] = []
+    for depth in range(1, max(v[0] for v in level.values()) + 1):
+        rows = [(t, lt, rt) for t, (d, lt, rt) in level.items() if d == depth]
+        levels.append(tuple(list(col) for col in zip(*rows)))
+    return _RayPlan(n, base, levels)
+
+
+class _RayProducts(torch.autograd.Function):
+    """Rotations of every token from those of the directly computed ones (Note [products
+    along rays]): level by level ``R[dst] = R[left] @ R[right]``; backward
+    ``dR[left] += dR[dst] R[right]^T``, ``dR[right] += R[left]^T dR[dst]``, levels reversed.
+    Saves only its output (the rotations, which the application keeps anyway)."""
+
+    @staticmethod
+    def forward(ctx: Any, base: Tensor, plan: _RayPlan) -> Tensor:
+        h, _, m, s, _ = base.shape
+        out = base.new_empty(h, plan.n, m, s, s)
+        out.index_copy_(1, plan.base, base)
+        ctx.kernel = _kernels.usable(base, size=s, sizes=_kernels.RAY_SIZES)
+        if ctx.kernel:
+            _kernels.ray_products_forward(out, *plan.items)
+        else:
+            for dst, left, right in plan.levels:
+                product = torch.matmul(out.index_select(1, left), out.index_select(1, right))
+                out.index_copy_(1, dst, product)
+        ctx.plan = plan
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (out,) = ctx.saved_tensors
+        plan: _RayPlan = ctx.plan
+        if torch.is_grad_enabled():  # create_graph=True: out-of-place, differentiable
+            g = grad
+            for dst, left, right in reversed(plan.levels):
+                g_dst = g.index_select(1, dst)
+                g = g.index_add(1, left, g_dst @ out.index_select(1, right).mT)
+                g = g.index_add(1, right, out.index_select(1, left).mT @ g_dst)
+            return g.index_select(1, plan.base), None
+        g = grad.contiguous().clone()
+        if ctx.kernel:
+            _kernels.ray_products_backward(out, g, *plan.items)
+            return g.index_select(1, plan.base), None
+        for dst, left, right in reversed(plan.levels):
+            g_dst = g.index_select(1, dst)
+            g.index_add_(1, left, torch.matmul(g_dst, out.index_select(1, right).mT))
+            g.index_add_(1, right, torch.matmul(out.index_select(1, left).mT, g_dst))
+        return g.index_select(1, plan.base), None
+
+
+def _ray_products_plain(base: Tensor, plan: _RayPlan) -> Tensor:
+    """``_RayProducts`` in plain autograd ops (the reference).
+
+    Shape:
+        base ``(h, len(plan.base), m, s, s)`` -> ``(h, plan.n, m, s, s)``
+    """
+    h, _, m, s, _ = base.shape
+    out = base.new_zeros(h, plan.n, m, s, s).index_copy(1, plan.base, base)
+    for dst, left, right in plan.levels:
+        product = out.index_select(1, left) @ out.index_select(1, right)
+        out = out.index_copy(1, dst, product)
+    return out
+
+
 def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> Tensor:
     """``R[.., h, n, m] = exp(sum_a p[.., n, a] B[h, a, m])`` for every token and block.
 
@@ -744,7 +922,6 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         return expm_skew(block_generators(positions, bases), method=method)
     if bases.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"lie_rotations computes in float32 or float64; got {bases.dtype}.")
-    h, a, m = bases.shape[:3]
     with torch.no_grad():
         if not bool(torch.isfinite(bases).all()):
             squarings_for(math.nan)  # raises: NaN/Inf parameters
@@ -752,6 +929,34 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         bound = torch.matmul(positions.detach().abs().unsqueeze(-3), sigma)  # (.., h, n, m)
         norm = float(bound.amax()) if bound.numel() else 0.0
     _warn_if_inaccurate(norm, bases.dtype)
+    if positions.dim() == 2 and positions.device.type == "cpu" and not positions.requires_grad:
+        # Note [products along rays]
+        if _uses_polynomial(bases.dtype, bases.shape[1]):
+            theta = _POLY[bases.dtype][1]
+        else:
+            theta = _TAYLOR[bases.dtype][2]
+        js = _token_squarings(bound.amax(dim=(-3, -1)), theta)
+        plan = _ray_plan(positions, js)
+        if plan is not None:
+            base = _direct_rotations(positions[plan.base], bases, sigma)
+            rotations: Tensor = _RayProducts.apply(base, plan)
+            return rotations
+    return _direct_rotations(positions, bases, sigma)
+
+
+def _direct_rotations(positions: Tensor, bases: Tensor, sigma: Tensor) -> Tensor:
+    """``lie_rotations``' fast path for every token; ``sigma``: the spectral norms of the
+    bases (no gradient).
+
+    Shape:
+        positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)``; sigma ``(h, a, m)``
+        -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``
+    """
+    size = bases.shape[-1]
+    h, a, m = bases.shape[:3]
+    with torch.no_grad():
+        bound = torch.matmul(positions.detach().abs().unsqueeze(-3), sigma)  # (.., h, n, m)
+    norm = float(bound.amax()) if bound.numel() else 0.0
     entry_major = size <= _ENTRY_MAJOR_MAX_BLOCK
     batch = positions.shape[:-1]  # (n,) or (b, n)
     if _uses_polynomial(bases.dtype, a):
@@ -772,9 +977,11 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         counts, order = ((), None) if kernel else _squaring_levels(js)
         if order is not None:
             flat_pos, js = flat_pos[order], js[order]
-        scale = torch.exp2(-js.to(flat_pos.dtype)).unsqueeze(-1)
+        # Note [coefficient range]: bases scaled by 2^-e to norm < 1, positions by 2^e (exact)
+        e = math.frexp(float(sigma.amax()))[1] if sigma.numel() else 0
+        scale = torch.exp2(e - js.to(flat_pos.dtype)).unsqueeze(-1)
         weights = _poly_weights(flat_pos * scale, degree)  # (N, T)
-        coefficients = _poly_coefficients(bases, degree)  # (hm, s, T*s)
+        coefficients = _poly_coefficients(bases * 2.0**-e if e else bases, degree)  # (hm, s, T*s)
         terms = coefficients.shape[-1] // size
         blocks = coefficients.view(h * m, size, terms, size)
         if entry_major:  # (s*s*hm, T) @ (T, N) -> entry-major (s, s, hm, N)

@@ -63,6 +63,9 @@ __all__ = [
     "SIZES",
     "APPLY_SIZES",
     "MAX_SQUARINGS",
+    "RAY_SIZES",
+    "ray_products_forward",
+    "ray_products_backward",
 ]
 
 # block sizes compiled; other sizes use the PyTorch path
@@ -72,6 +75,8 @@ SIZES = (4, 8, 16, 32, 64)
 APPLY_SIZES = (4, 8, 16, 32, 64)
 # squarings per matrix the kernels accept (stack buffers); more falls back to PyTorch
 MAX_SQUARINGS = 24
+# block sizes of the compiled products along rays (smaller blocks use torch.matmul)
+RAY_SIZES = (32, 64)
 # matrices per vector batch in the squarings (16 floats fill an AVX-512 register)
 _LANES = 16
 
@@ -83,6 +88,8 @@ _COMMON = r"""
 #endif
 #include <stdlib.h>
 #include <string.h>
+
+#define ALWAYS_INLINE inline __attribute__((always_inline))
 
 typedef void (*range_fn)(const void *ctx, int64_t lo, int64_t hi);
 
@@ -303,9 +310,11 @@ _SQUARINGS_LARGE = r"""
 
 typedef REAL mchunk_SFX __attribute__((vector_size(sizeof(REAL) * CW)));
 
-/* c = a @ b, or c += a @ b when acc, for row-major S x S matrices */
-static void gemm_SFX(const REAL *restrict a, const REAL *restrict b, REAL *restrict c,
-                     int acc) {
+/* c = a @ b, or c += a @ b when acc, for row-major S x S matrices; always inlined, so that
+   each call site gets its own copy with acc known (as an out-of-line function called from
+   several places it ran 2.5x slower) */
+static ALWAYS_INLINE void gemm_SFX(const REAL *restrict a, const REAL *restrict b,
+                                   REAL *restrict c, int acc) {
     for (int i0 = 0; i0 < S; i0 += RB) {
         mchunk_SFX sum[RB][NC];
         for (int r = 0; r < RB; r++)
@@ -375,10 +384,67 @@ static void sq_bwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
 }
 
 SQ_ENTRY(H * M * N)
+
+/* products along rays (Note [products along rays] in functional): items i in level order,
+   R[dst_i] = R[left_i] @ R[right_i]; backward, items reversed, dR[left_i] += dR[dst_i] R[right_i]^T
+   and dR[right_i] += R[left_i]^T dR[dst_i]. One task per (h, m): a task's items only read
+   its own earlier results, so no level needs a barrier and no two tasks write one matrix. */
+typedef struct {
+    REAL *rot, *grad;       /* (H, N, M, S, S) contiguous; grad NULL forward              */
+    const int64_t *dst, *left, *right;
+    int64_t L, H, N, M;
+} ray_ctx_SFX;
+
+/* defined with the application below */
+static void transpose_SFX(const REAL *restrict a, REAL *restrict t);
+
+static void ray_range_SFX(const void *vc, int64_t lo, int64_t hi) {
+    const ray_ctx_SFX *c = (const ray_ctx_SFX *)vc;
+    REAL *buf = (REAL *)alloc_vectors(sizeof(REAL) * S * S);
+    if (!buf) abort();
+    for (int64_t hm = lo; hm < hi; hm++) {
+        const int64_t h = hm / c->M, m = hm % c->M, row = c->M * S * S;
+        REAL *rot = c->rot + h * c->N * row + m * S * S;
+        if (!c->grad) {
+            for (int64_t i = 0; i < c->L; i++)
+                gemm_SFX(rot + c->left[i] * row, rot + c->right[i] * row, rot + c->dst[i] * row, 0);
+            continue;
+        }
+        REAL *grad = c->grad + h * c->N * row + m * S * S;
+        for (int64_t i = c->L - 1; i >= 0; i--) {
+            const REAL *gd = grad + c->dst[i] * row;
+            transpose_SFX(rot + c->right[i] * row, buf);
+            gemm_SFX(gd, buf, grad + c->left[i] * row, 1);
+            transpose_SFX(rot + c->left[i] * row, buf);
+            gemm_SFX(buf, gd, grad + c->right[i] * row, 1);
+        }
+    }
+    free(buf);
+}
+
+void liere_rays_SFX(REAL *rot, REAL *grad, const int64_t *dst, const int64_t *left,
+                    const int64_t *right, int64_t L, int64_t H, int64_t N, int64_t M,
+                    int threads) {
+    ray_ctx_SFX c;
+    c.rot = rot; c.grad = grad; c.dst = dst; c.left = left; c.right = right;
+    c.L = L; c.H = H; c.N = N; c.M = M;
+    parallel_for(ray_range_SFX, &c, H * M, threads);
+}
 """
 
 # The blockwise application, one instance per (real type, block size S).
 _APPLY = r"""
+/* t = a^T for one S x S block, in TT x TT tiles */
+static void transpose_SFX(const REAL *restrict a, REAL *restrict t) {
+    for (int i0 = 0; i0 < S; i0 += TT)
+        for (int j0 = 0; j0 < S; j0 += TT) {
+            REAL tile[TT][TT];
+            for (int i = 0; i < TT; i++) memcpy(tile[i], a + (i0 + i) * S + j0, sizeof(tile[i]));
+            for (int j = 0; j < TT; j++)
+                for (int i = 0; i < TT; i++) t[(j0 + j) * S + i0 + i] = tile[i][j];
+        }
+}
+
 typedef struct {
     const REAL *x[2]; const int64_t *sx[2];  /* q, k: (B, Hh, T, D), any strides       */
     const REAL *g[2]; const int64_t *sg[2];  /* backward: dL/dq', dL/dk', any strides  */
@@ -405,8 +471,8 @@ static void load_row_SFX(const REAL *x, int64_t stride, int64_t d, REAL *v) {
 /* y_r,m = sum_j v_r[m*S + j] * mat[m*S + j] for each block m and each of `cnt` <= RB rows r:
    mat holds, per block, S rows of NC chunks (columns of R forward, rows of R backward);
    every chunk of mat loaded once serves all rows of the tile */
-static inline void matvec_SFX(const chunk_SFX *restrict mat, const REAL *const *v,
-                              REAL *const *y, int cnt, int64_t M) {
+static ALWAYS_INLINE void matvec_SFX(const chunk_SFX *restrict mat, const REAL *const *v,
+                                     REAL *const *y, int cnt, int64_t M) {
     for (int64_t m = 0; m < M; m++) {
         const chunk_SFX *rows = mat + m * S * NC;
         chunk_SFX acc[RB][NC];
@@ -422,8 +488,8 @@ static inline void matvec_SFX(const chunk_SFX *restrict mat, const REAL *const *
 }
 
 /* dR_m[i, :] += sum_r g_r[m*S + i] x_r[m*S : m*S + S] over the `cnt` rows of a tile */
-static inline void outer_SFX(chunk_SFX *restrict dr, const REAL *const *g, const REAL *const *x,
-                             int cnt, int64_t M) {
+static ALWAYS_INLINE void outer_SFX(chunk_SFX *restrict dr, const REAL *const *g,
+                                    const REAL *const *x, int cnt, int64_t M) {
     for (int64_t m = 0; m < M; m++) {
         chunk_SFX xm[RB][NC];
         for (int r = 0; r < RB; r++)
@@ -443,7 +509,7 @@ static inline void outer_SFX(chunk_SFX *restrict dr, const REAL *const *g, const
 /* one token per index, every row (b, h, t) of it, in tiles of RB batch elements: forward
    y = R x; backward dx = R^T g and dR = sum_b g x^T. Rows of one token sit a batch stride
    apart, so the next tile's rows are prefetched while this one is rotated. */
-static void app_range_SFX(const void *vc, int64_t lo, int64_t hi, int backward) {
+static ALWAYS_INLINE void app_range_SFX(const void *vc, int64_t lo, int64_t hi, int backward) {
     const app_ctx_SFX *c = (const app_ctx_SFX *)vc;
     const int64_t M = c->M, D = M * S, N = c->T - c->P, HR = c->HR, group = c->Hh / HR;
     const int64_t block = D * NC; /* chunks of one rotation head's blocks */
@@ -460,10 +526,7 @@ static void app_range_SFX(const void *vc, int64_t lo, int64_t hi, int backward) 
             const REAL *r = c->rot + (hr * N + n) * M * (S * S);
             if (!backward) {
                 REAL *col = (REAL *)(mats + hr * block);
-                for (int64_t m = 0; m < M; m++)
-                    for (int j = 0; j < S; j++)
-                        for (int i = 0; i < S; i++)
-                            col[(m * S + j) * S + i] = r[(m * S + i) * S + j];
+                for (int64_t m = 0; m < M; m++) transpose_SFX(r + m * S * S, col + m * S * S);
             } else {
                 memcpy(mats + hr * block, r, sizeof(REAL) * M * S * S);
                 if (c->drot) memset(drs + hr * block, 0, sizeof(chunk_SFX) * block);
@@ -576,16 +639,17 @@ _REALS_BY_NAME = {"float": "f32", "double": "f64"}
 def _instance(template: str, real: str, size: int) -> str:
     """``template`` for one real type and block size: ``SFX``, ``REAL``, ``IREAL`` and the
     size tokens ``S`` (block size), ``CW`` (lanes of a 64-byte vector), ``NC`` (vectors per
-    block row) and ``RB`` (rows per tile, so that ``RB * NC`` accumulators fit in registers)
-    replaced."""
+    block row), ``RB`` (rows per tile, so that ``RB * NC`` accumulators fit in registers) and
+    ``TT`` (the side of a transposed tile) replaced."""
     tag = _REALS_BY_NAME[real]
     code = template.replace("SFX", f"{tag}_s{size}").replace("IREAL", _INTS[real])
     code = code.replace("REAL", real)
     lanes = min(size, 64 // (4 if real == "float" else 8))
     chunks = size // lanes
-    values = {"S": size, "CW": lanes, "NC": chunks, "RB": min(4, max(1, 16 // chunks))}
+    rb = min(4, max(1, 16 // chunks))
+    values = {"S": size, "CW": lanes, "NC": chunks, "RB": rb, "TT": min(size, 8)}
     return re.sub(
-        r"(?<![A-Za-z0-9_])(S|CW|NC|RB)(?![A-Za-z0-9_])", lambda t: str(values[t.group(1)]), code
+        r"(?<![A-Za-z0-9_])(S|CW|NC|RB|TT)(?![A-Za-z0-9_])", lambda t: str(values[t.group(1)]), code
     )
 
 
@@ -746,6 +810,8 @@ def _fn(kind: str, dtype: torch.dtype, size: int) -> ctypes._CFuncPtr:  # type: 
         p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         if kind == "squarings":
             fn.argtypes = [p, p, p, p, p, i64, i64, i64, i, i]
+        elif kind == "rays":
+            fn.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i]
         else:
             fn.argtypes = [p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i, i]
         fn.restype = None
@@ -850,3 +916,33 @@ def apply_backward(
         b, heads, tokens, p, m, hr, 1, _threads(),
     )  # fmt: skip
     return d_q, d_k, d_rot
+
+
+def ray_products_forward(rotations: Tensor, dst: Tensor, left: Tensor, right: Tensor) -> None:
+    """In place, item by item: ``R[:, dst_i] = R[:, left_i] @ R[:, right_i]`` (Note [products
+    along rays] in ``functional``); items in level order (a token is written before it is
+    read).
+
+    Shape:
+        rotations ``(h, n, m, s, s)`` contiguous, ``s`` in ``RAY_SIZES``; dst, left, right
+        ``(L,)`` int64
+    """
+    h, n, m, s, _ = rotations.shape
+    _fn("rays", rotations.dtype, s)(
+        _ptr(rotations), None, _ptr(dst), _ptr(left), _ptr(right), dst.shape[0], h, n, m,
+        _threads(),
+    )  # fmt: skip
+
+
+def ray_products_backward(
+    rotations: Tensor, grad: Tensor, dst: Tensor, left: Tensor, right: Tensor
+) -> None:
+    """In place, items reversed: ``G[:, left_i] += G[:, dst_i] R[:, right_i]^T`` and
+    ``G[:, right_i] += R[:, left_i]^T G[:, dst_i]``: ``grad`` (contiguous, like
+    ``rotations``) turns from the gradient of every token's rotation into that of the
+    rotations computed directly (the other rows are left as they were)."""
+    h, n, m, s, _ = rotations.shape
+    _fn("rays", rotations.dtype, s)(
+        _ptr(rotations), _ptr(grad), _ptr(dst), _ptr(left), _ptr(right), dst.shape[0], h, n, m,
+        _threads(),
+    )  # fmt: skip

@@ -1,0 +1,260 @@
+"""Products along rays (Note [products along rays] in liere.functional): which tokens are split,
+that the split tokens' rotations equal the exponential of their own generator, values and
+gradients against the direct path and torch.matrix_exp, the compiled products against the
+PyTorch ones, the cases that must stay on the direct path; and the coefficient scaling that
+keeps large generators finite (Note [coefficient range])."""
+
+import math
+
+import pytest
+import torch
+from conftest import randn
+from hypothesis import given
+from hypothesis import strategies as st
+
+from liere import LieRE, grid_positions
+from liere import functional as F
+from liere import kernels as K
+
+
+def dense_bases(heads=2, axes=2, blocks=1, size=8, seed=0, scale=1.0, dtype=torch.float32):
+    params = randn(heads, axes, blocks, size * (size - 1) // 2, seed=seed, dtype=dtype)
+    return F.skew_symmetric(params * scale, size)
+
+
+def reference(positions, bases):
+    gen = F.block_generators(positions.double(), bases.double())
+    return F.expm_skew_reference(gen)
+
+
+def squarings(positions, bases):
+    sigma = F._spectral_norms(bases.detach())
+    bound = torch.matmul(positions.abs().unsqueeze(-3), sigma).amax(dim=(-3, -1))
+    return F._token_squarings(bound, F._POLY[bases.dtype][1])
+
+
+def no_rays(monkeypatch):
+    monkeypatch.setattr(F, "_ray_plan", lambda positions, js: None)
+
+
+# -- the plan ---------------------------------------------------------------------------------
+
+
+def test_plan_splits_the_grid_tokens_that_are_multiples():
+    positions = grid_positions(14, 14)
+    plan = F._build_ray_plan(positions, torch.ones(196, dtype=torch.long))
+    # token (i, j) is g * (i/g, j/g) with g = gcd(i, j) >= 2
+    multiples = sum(math.gcd(i, j) >= 2 for i in range(14) for j in range(14))
+    assert plan is not None and plan.split == multiples == 78
+    assert len(plan.base) + plan.split == 196
+    assert [len(level[0]) for level in plan.levels] == [25, 22, 16, 15]
+
+
+@given(
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 9),
+    reference=st.integers(2, 12),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_plan_items_are_sums_of_parallel_tokens(rows, cols, reference, seed, dtype):
+    positions = grid_positions(rows, cols, reference=reference, dtype=dtype)
+    js = torch.randint(0, 3, (rows * cols,), generator=torch.Generator().manual_seed(seed))
+    plan = F._build_ray_plan(positions, js)
+    if plan is None:
+        return
+    done = set(plan.base.tolist())
+    eps = torch.finfo(dtype).eps
+    for dst, left, right in plan.levels:
+        for t, u, v in zip(dst.tolist(), left.tolist(), right.tolist()):
+            assert u in done and v in done  # factors come from earlier levels
+            assert js[t] >= 1  # tokens the direct path does not square stay direct
+            p, q, r = positions[t].double(), positions[u].double(), positions[v].double()
+            torch.testing.assert_close(q + r, p, atol=16 * eps * float(p.abs().max()), rtol=0)
+            assert abs(float(q[0] * p[1] - q[1] * p[0])) <= 16 * eps * float(p.norm()) ** 2
+            assert float(q @ p) > 0 and float(r @ p) > 0  # same direction, not opposite
+        done.update(dst.tolist())
+    assert done == set(range(rows * cols))
+
+
+@pytest.mark.parametrize(
+    "positions",
+    [
+        torch.rand(40, 2, generator=torch.Generator().manual_seed(0)),  # off any lattice
+        grid_positions(6, 6) - 0.5,  # centred: halves of odd multiples are not tokens
+        torch.zeros(5, 2),
+    ],
+    ids=["random", "centred", "origin"],
+)
+def test_plan_is_none_where_no_token_is_a_product(positions):
+    js = torch.ones(positions.shape[0], dtype=torch.long)
+    assert F._build_ray_plan(positions, js) is None
+
+
+def test_plan_leaves_repeated_positions_and_unsquared_tokens_direct():
+    positions = torch.tensor([[0.25, 0.0], [0.5, 0.0], [0.5, 0.0], [0.75, 0.0], [1.0, 0.0]])
+    plan = F._build_ray_plan(positions, torch.tensor([1, 1, 1, 1, 0]))
+    assert plan is not None
+    split = torch.cat([level[0] for level in plan.levels]).tolist()
+    assert 1 in split and 3 in split  # 0.5 = 0.25 + 0.25, 0.75 = 0.5 + 0.25
+    assert 2 not in split  # the repeat of 0.5
+    assert 4 not in split  # j = 0: computed directly
+
+
+def test_plan_is_cached_per_positions_and_squarings(monkeypatch):
+    built = []
+    build = F._build_ray_plan
+    monkeypatch.setattr(F, "_RAY_PLAN_CACHE", {})
+    monkeypatch.setattr(F, "_build_ray_plan", lambda p, j: built.append(1) or build(p, j))
+    positions, js = grid_positions(5, 5), torch.ones(25, dtype=torch.long)
+    first = F._ray_plan(positions, js)
+    assert F._ray_plan(positions.clone(), js.clone()) is first and len(built) == 1
+    F._ray_plan(positions, js * 2)
+    F._ray_plan(grid_positions(5, 6), torch.ones(30, dtype=torch.long))
+    assert len(built) == 3
+    for k in range(2 * F._RAY_PLAN_CACHE_SIZE):
+        F._ray_plan(grid_positions(3, 3 + k), torch.ones(3 * (3 + k), dtype=torch.long))
+    assert len(F._RAY_PLAN_CACHE) <= F._RAY_PLAN_CACHE_SIZE
+
+
+# -- values and gradients ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [4, 8, 32, 64])
+def test_split_rotations_match_matrix_exp_and_the_direct_path(
+    both_paths, float_dtype, size, monkeypatch
+):
+    positions = grid_positions(9, 9, dtype=float_dtype)
+    bases = dense_bases(
+        heads=2, blocks=64 // size // 2 or 1, size=size, scale=2.0, dtype=float_dtype
+    )
+    js = squarings(positions, bases)
+    plan = F._ray_plan(positions, js)
+    assert plan is not None and plan.split > 0
+    leaf = bases.clone().requires_grad_(True)
+    fast = F.lie_rotations(positions, leaf)
+    ref = reference(positions, bases)
+    eps = torch.finfo(float_dtype).eps
+    norm = float(F._spectral_norms(bases).sum(1).amax()) * float(positions.abs().max())
+    torch.testing.assert_close(fast.double(), ref, atol=10 * size * eps * max(1.0, norm), rtol=0)
+    grad = randn(*fast.shape, seed=3, dtype=float_dtype)
+    (d_fast,) = torch.autograd.grad(fast, leaf, grad)
+    no_rays(monkeypatch)
+    direct_leaf = bases.clone().requires_grad_(True)
+    direct = F.lie_rotations(positions, direct_leaf)
+    (d_direct,) = torch.autograd.grad(direct, direct_leaf, grad)
+    scale = float(d_direct.abs().max())
+    torch.testing.assert_close(
+        d_fast, d_direct, atol=100 * size * eps * max(1.0, norm) * scale, rtol=0
+    )
+
+
+@pytest.mark.parametrize("size", [4, 32])  # 32: the compiled products (K.RAY_SIZES)
+def test_ray_products_gradcheck(both_paths, size):
+    # (1, 0) and (2, 1) direct, (2, 0) = (1, 0) + (1, 0), (3, 0) = (2, 0) + (1, 0): small
+    # enough for gradcheck's dense Jacobians at 32x32 blocks
+    positions = torch.tensor(
+        [[0.25, 0.0], [0.5, 0.0], [0.75, 0.0], [0.5, 0.5]], dtype=torch.float64
+    )
+    bases = dense_bases(heads=1, size=size, scale=0.3, dtype=torch.float64)
+    plan = F._build_ray_plan(positions, torch.ones(4, dtype=torch.long))
+    assert plan is not None and plan.base.tolist() == [0, 3] and len(plan.levels) == 2
+    base = F.lie_rotations(positions[plan.base], bases).requires_grad_(True)
+    torch.autograd.gradcheck(lambda b: F._RayProducts.apply(b, plan), (base,))
+    torch.autograd.gradgradcheck(lambda b: F._RayProducts.apply(b, plan), (base,))
+    out = F._RayProducts.apply(base, plan)
+    plain = F._ray_products_plain(base, plan)
+    torch.testing.assert_close(out, plain, atol=1e-13, rtol=0)
+    grad = randn(*out.shape, seed=1, dtype=torch.float64)
+    (d_out,) = torch.autograd.grad(out, base, grad)
+    (d_plain,) = torch.autograd.grad(plain, base, grad)
+    torch.testing.assert_close(d_out, d_plain, atol=1e-12, rtol=0)
+
+
+@pytest.mark.skipif(not K.available(), reason="compiled kernels unavailable")
+@pytest.mark.parametrize("size", K.RAY_SIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_ray_products_match_torch(size, dtype):
+    positions = grid_positions(8, 8, dtype=dtype)
+    plan = F._build_ray_plan(positions, torch.ones(64, dtype=torch.long))
+    gen = randn(3, len(plan.base), 2, size, size, seed=2, dtype=torch.float64) * 0.1
+    base = torch.linalg.matrix_exp(gen - gen.mT).to(dtype)  # (h, tokens, m, s, s) rotations
+    rot = base.new_empty(3, 64, 2, size, size).index_copy_(1, plan.base, base)
+    K.ray_products_forward(rot, *plan.items)
+    plain = F._ray_products_plain(base.requires_grad_(True), plan)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(rot, plain.detach(), atol=tol, rtol=0)
+    grad = randn(*rot.shape, seed=4, dtype=dtype)
+    g = grad.clone()
+    K.ray_products_backward(rot, g, *plan.items)
+    (d_plain,) = torch.autograd.grad(plain, base, grad)
+    torch.testing.assert_close(g.index_select(1, plan.base), d_plain, atol=tol * 10, rtol=0)
+
+
+def test_positions_that_need_a_gradient_stay_direct(monkeypatch):
+    calls = []
+    plan = F._ray_plan
+    monkeypatch.setattr(F, "_ray_plan", lambda p, j: calls.append(1) or plan(p, j))
+    positions = grid_positions(6, 6, dtype=torch.float64).requires_grad_(True)
+    bases = dense_bases(size=8, scale=2.0, dtype=torch.float64)
+    fast = F.lie_rotations(positions, bases)
+    assert not calls
+    grad = randn(*fast.shape, seed=5, dtype=torch.float64)
+    (d_fast,) = torch.autograd.grad(fast, positions, grad)
+    ref_pos = positions.detach().clone().requires_grad_(True)
+    ref = F.expm_skew_reference(F.block_generators(ref_pos, bases))
+    (d_ref,) = torch.autograd.grad(ref, ref_pos, grad)
+    torch.testing.assert_close(d_fast, d_ref, atol=1e-9, rtol=1e-9)
+
+
+def test_three_axes_and_batched_positions(monkeypatch):
+    positions = grid_positions(4, 5, 5)
+    bases = dense_bases(heads=2, axes=3, blocks=2, size=8, scale=1.5)
+    assert F._ray_plan(positions, squarings(positions, bases)) is not None
+    fast = F.lie_rotations(positions, bases)
+    torch.testing.assert_close(fast.double(), reference(positions, bases), atol=2e-5, rtol=0)
+    batched = torch.stack([positions, positions.flip(0)])  # per-sample positions: direct
+    torch.testing.assert_close(
+        F.lie_rotations(batched, bases)[1], F.lie_rotations(positions.flip(0), bases)
+    )
+
+
+def test_lie_re_layer_matches_with_and_without_rays(monkeypatch):
+    torch.manual_seed(0)
+    enc = LieRE(64, 2, num_heads=2, block_size=64)
+    q, k = torch.randn(2, 3, 2, 51, 64).unbind(0)
+    positions = grid_positions(7, 7)
+    positions = torch.cat([positions, positions[-1:]])  # a repeated position too
+
+    def run():
+        enc.zero_grad()
+        q_out, k_out = enc(q, k, positions, num_prefix_tokens=1)
+        (q_out * k_out.roll(1, dims=2)).sum().backward()
+        return q_out, k_out, [p.grad.clone() for p in enc.parameters()]
+
+    q_out, k_out, grads = run()
+    no_rays(monkeypatch)
+    q_dir, k_dir, grads_dir = run()
+    torch.testing.assert_close(q_out, q_dir, atol=2e-4, rtol=0)
+    torch.testing.assert_close(k_out, k_dir, atol=2e-4, rtol=0)
+    for g, d in zip(grads, grads_dir):
+        torch.testing.assert_close(g, d, atol=2e-3 * float(d.abs().max()), rtol=0)
+
+
+# -- Note [coefficient range] -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0, 16.0])
+def test_large_dense_generators_stay_finite(both_paths, scale):
+    # dense 64x64 blocks at the paper's init have ||B_a|| near 130: their degree-16
+    # coefficients came within a factor 100 of float32's range, and 4x that overflowed
+    torch.manual_seed(0)
+    bases = LieRE(64, 2, num_heads=2, block_size=64).bases().detach() * scale
+    positions = grid_positions(4, 4) * 0.5
+    fast = F.lie_rotations(positions, bases)
+    assert torch.isfinite(fast).all()
+    norm = float(F._spectral_norms(bases).sum(1).amax()) * 0.5
+    eps = torch.finfo(torch.float32).eps
+    torch.testing.assert_close(
+        fast.double(), reference(positions, bases), atol=10 * 64 * eps * norm, rtol=0
+    )
