@@ -185,10 +185,11 @@ def test_compiled_ray_products_match_torch(size, dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(rot, plain.detach(), atol=tol, rtol=0)
     grad = randn(*rot.shape, seed=4, dtype=dtype)
-    g = grad.clone()
-    K.ray_products_backward(rot, g, *plan.items)
+    kept = grad.clone()
+    d_base = K.ray_products_backward(rot, grad, plan.base, *plan.items)
+    assert torch.equal(grad, kept)  # the incoming gradient is left alone
     (d_plain,) = torch.autograd.grad(plain, base, grad)
-    torch.testing.assert_close(g.index_select(1, plan.base), d_plain, atol=tol * 10, rtol=0)
+    torch.testing.assert_close(d_base, d_plain, atol=tol * 10, rtol=0)
 
 
 def test_positions_that_need_a_gradient_stay_direct(monkeypatch):
@@ -246,7 +247,7 @@ def test_lie_re_layer_matches_with_and_without_rays(monkeypatch):
 
 @pytest.mark.parametrize("scale", [1.0, 4.0, 16.0])
 def test_large_dense_generators_stay_finite(both_paths, scale):
-    # dense 64x64 blocks at the paper's init have ||B_a|| near 130: their degree-16
+    # dense 64x64 blocks at the paper's init have ||B_a|| near 130: unscaled, their degree-16
     # coefficients came within a factor 100 of float32's range, and 4x that overflowed
     torch.manual_seed(0)
     bases = LieRE(64, 2, num_heads=2, block_size=64).bases().detach() * scale
@@ -258,3 +259,50 @@ def test_large_dense_generators_stay_finite(both_paths, scale):
     torch.testing.assert_close(
         fast.double(), reference(positions, bases), atol=10 * 64 * eps * norm, rtol=0
     )
+
+
+@pytest.mark.skipif(not K.available(), reason="compiled kernels unavailable")
+@pytest.mark.parametrize("layout", ["entry", "batch"])
+def test_fused_kernel_rotations_gradcheck(layout):
+    # _KernelRotations: squarings written to the direct tokens' rows, then the products
+    positions = torch.tensor(
+        [[0.25, 0.0], [0.5, 0.0], [0.75, 0.0], [0.5, 0.5]], dtype=torch.float64
+    )
+    plan = F._build_ray_plan(positions, torch.ones(4, dtype=torch.long))
+    h, m, s = 1, 2, 4
+    gen = randn(len(plan.base), h * m, s, s, seed=7, dtype=torch.float64) * 0.2
+    series = torch.linalg.matrix_exp(gen - gen.mT)  # (N, hm, s, s): "batch"
+    if layout == "entry":
+        series = series.permute(2, 3, 1, 0).contiguous()  # (s, s, hm, N)
+    js = torch.tensor([1, 2], dtype=torch.int32)
+    leaf = series.clone().requires_grad_(True)
+
+    def fused(x):
+        return F._KernelRotations.apply(x, js, h, m, layout, plan)
+
+    def unfused(x):
+        return F._ray_products_plain(F._token_squarings_plain(x, js.long(), h, m, layout), plan)
+
+    torch.testing.assert_close(fused(leaf), unfused(leaf), atol=1e-13, rtol=0)
+    torch.autograd.gradcheck(fused, (leaf,))
+    torch.autograd.gradgradcheck(fused, (leaf,))
+
+
+@pytest.mark.skipif(not K.available(), reason="compiled kernels unavailable")
+@pytest.mark.parametrize("size", [8, 64])
+def test_kernel_squarings_write_and_read_given_rows(size):
+    h, m, n = 2, 1, 5
+    gen = randn(n, h * m, size, size, seed=8) * 0.1
+    series = torch.linalg.matrix_exp(gen - gen.mT).contiguous()
+    js = torch.tensor([0, 1, 2, 3, 1], dtype=torch.int32)
+    rows = torch.tensor([6, 0, 3, 2, 5])
+    plain = K.squarings_forward(series, js, h, m, "batch")
+    out = torch.full((h, 7, m, size, size), 7.0)
+    K.squarings_forward(series, js, h, m, "batch", out=out, rows=rows)
+    torch.testing.assert_close(out[:, rows], plain)
+    untouched = torch.tensor([1, 4])
+    assert torch.all(out[:, untouched] == 7.0)
+    grad = randn(h, 7, m, size, size, seed=9)
+    d_rows = K.squarings_backward(series, js, grad, h, m, "batch", rows=rows)
+    d_plain = K.squarings_backward(series, js, grad[:, rows].contiguous(), h, m, "batch")
+    torch.testing.assert_close(d_rows, d_plain)

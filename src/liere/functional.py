@@ -471,20 +471,26 @@ def expm_skew(gen: Tensor, *, method: str = "auto") -> Tensor:
 # one bmm per degree for every head and block at once (O(m^2) products per block, not per
 # token); the series for every token is then a single GEMM of monomials (tokens x T) with
 # coefficients (T x blocks*s*s). Per-token products are left for the squarings only, and
-# since the degree no longer costs per-token products it is raised (theta 2.7 instead of 1.3),
-# which saves a squaring. Used for one or two axes (T = m+1 or (m+1)(m+2)/2 = 17 or 153 in
-# float32); with three axes T = 969 and Paterson-Stockmeyer per token is cheaper.
+# since the degree no longer costs per-token products it is raised (theta 2.1 instead of 1.3),
+# which saves a squaring. Used for one or two axes (T = m+1 or (m+1)(m+2)/2 = 15 or 120 in
+# float32); with three axes T = 680 and Paterson-Stockmeyer per token is cheaper.
+# Float32's degree 14 is a trade: degree 16 (theta 2.69) saves a third of a squaring per token
+# but costs 27% more coefficients and GEMM, and measured about 8 ms slower per dense ViT-S layer
+# at batch 8 (5% of it) with products along rays; degree 12 was 3 ms faster still. Accuracy on
+# the paper's 14x14 grid, max |R - exp| against float64 (dense 64x64 / 8x8 blocks): degree 16
+# 6.4e-6 / 4.0e-6, degree 14 7.1e-6 / 5.5e-6, degree 12 9.5e-6 / 5.5e-6; float32
+# torch.linalg.matrix_exp 1.5e-5 / 5.0e-6.
 #
 # Note [coefficient range]
 # ~~~~~~~~~~~~~~~~~~~~~~~~
 # ||C_e|| can reach binom(|e|, e_0) * prod_a ||B_a||^(e_a): with dense 64x64 blocks at the
-# paper's init (||B_a|| about 130) the degree-16 coefficients of float32 reach 3e36, a factor
+# paper's init (||B_a|| about 130) degree-16 coefficients in float32 reached 3e36, a factor
 # 100 from overflow, and generators twice as large gave inf and NaN. The bases are therefore
 # scaled by 2^-e to a norm below 1 (e from the largest ||B_a||) and the positions by 2^e, which
 # leaves every generator p_a B_a as it was, bit for bit (powers of two), and bounds ||C_e|| by
-# binom(16, 8) = 12,870.
+# binom(degree, degree / 2) (3,432 at degree 14).
 # (degree, theta): theta^(degree+1)/(degree+1)! below the unit roundoff
-_POLY = {torch.float32: (16, 2.69), torch.float64: (24, 2.30)}
+_POLY = {torch.float32: (14, 2.11), torch.float64: (24, 2.30)}
 _POLY_MAX_AXES = 2
 
 
@@ -875,15 +881,47 @@ class _RayProducts(torch.autograd.Function):
                 g = g.index_add(1, left, g_dst @ out.index_select(1, right).mT)
                 g = g.index_add(1, right, out.index_select(1, left).mT @ g_dst)
             return g.index_select(1, plan.base), None
-        g = grad.contiguous().clone()
         if ctx.kernel:
-            _kernels.ray_products_backward(out, g, *plan.items)
-            return g.index_select(1, plan.base), None
+            d_base = _kernels.ray_products_backward(out, grad.contiguous(), plan.base, *plan.items)
+            return d_base, None
+        g = grad.contiguous().clone()
         for dst, left, right in reversed(plan.levels):
             g_dst = g.index_select(1, dst)
             g.index_add_(1, left, torch.matmul(g_dst, out.index_select(1, right).mT))
             g.index_add_(1, right, torch.matmul(out.index_select(1, left).mT, g_dst))
         return g.index_select(1, plan.base), None
+
+
+class _KernelRotations(torch.autograd.Function):
+    """``_KernelSquarings`` of the directly computed tokens, written straight into their rows,
+    then ``_RayProducts``, both compiled (Note [products along rays]): the direct rotations
+    are never copied in or out of the full tensor, forward or backward."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, series: Tensor, js: Tensor, h: int, m: int, layout: str, plan: _RayPlan
+    ) -> Tensor:
+        size = _kernels.block_size_of(series, layout)
+        out = series.new_empty(h, plan.n, m, size, size)
+        _kernels.squarings_forward(series, js, h, m, layout, out=out, rows=plan.base)
+        _kernels.ray_products_forward(out, *plan.items)
+        ctx.save_for_backward(series, js, out)
+        ctx.args = (h, m, layout, plan)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None, None, None, None]:
+        series, js, out = ctx.saved_tensors
+        h, m, layout, plan = ctx.args
+        if torch.is_grad_enabled():  # create_graph=True: recompute differentiably
+            with torch.enable_grad():
+                base = _token_squarings_plain(series, js, h, m, layout)
+                ref = _ray_products_plain(base, plan)
+                (d_series,) = torch.autograd.grad(ref, series, grad, create_graph=True)
+            return d_series, None, None, None, None, None
+        d_base = _kernels.ray_products_backward(out, grad.contiguous(), plan.base, *plan.items)
+        d_series = _kernels.squarings_backward(series, js, d_base, h, m, layout)
+        return d_series, None, None, None, None, None
 
 
 def _ray_products_plain(base: Tensor, plan: _RayPlan) -> Tensor:
@@ -938,15 +976,21 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         js = _token_squarings(bound.amax(dim=(-3, -1)), theta)
         plan = _ray_plan(positions, js)
         if plan is not None:
-            base = _direct_rotations(positions[plan.base], bases, sigma)
-            rotations: Tensor = _RayProducts.apply(base, plan)
-            return rotations
-    return _direct_rotations(positions, bases, sigma)
+            rotations, done = _direct_rotations(positions[plan.base], bases, sigma, plan)
+            if done:
+                return rotations
+            split: Tensor = _RayProducts.apply(rotations, plan)
+            return split
+    return _direct_rotations(positions, bases, sigma)[0]
 
 
-def _direct_rotations(positions: Tensor, bases: Tensor, sigma: Tensor) -> Tensor:
+def _direct_rotations(
+    positions: Tensor, bases: Tensor, sigma: Tensor, plan: Optional[_RayPlan] = None
+) -> tuple[Tensor, bool]:
     """``lie_rotations``' fast path for every token; ``sigma``: the spectral norms of the
-    bases (no gradient).
+    bases (no gradient). With ``plan`` (``positions`` are then its directly computed tokens)
+    the compiled kernels may do the products along rays too: the flag says whether they did
+    (the result then covers all ``plan.n`` tokens).
 
     Shape:
         positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)``; sigma ``(h, a, m)``
@@ -964,10 +1008,10 @@ def _direct_rotations(positions: Tensor, bases: Tensor, sigma: Tensor) -> Tensor
         flat_pos = positions.reshape(-1, a)
         count = flat_pos.shape[0]
         token_bound = bound.amax(dim=(-3, -1)).reshape(-1)
-        # the same degree and squaring counts with or without the compiled kernels: a lower
-        # degree with more squarings is a little faster there but loses accuracy (each
-        # squaring doubles the rounding error: 1.8e-5 instead of 7.5e-6 off orthogonal at
-        # degree 8 on the paper's 14x14 grid)
+        # the same degree and squaring counts with or without the compiled kernels (Note
+        # [series as a polynomial in the positions]): degree 8 with more squarings was a little
+        # faster there but lost accuracy (each squaring doubles the rounding error: 1.8e-5
+        # instead of 7.5e-6 off orthogonal on the paper's 14x14 grid)
         degree, theta = _POLY[bases.dtype]
         js = _token_squarings(token_bound, theta)
         kernel = (
@@ -992,6 +1036,11 @@ def _direct_rotations(positions: Tensor, bases: Tensor, sigma: Tensor) -> Tensor
             series = torch.matmul(weights, flat).view(count, h * m, size, size)
         if kernel:
             layout = "entry" if entry_major else "batch"
+            if plan is not None and _kernels.usable(bases, size=size, sizes=_kernels.RAY_SIZES):
+                full: Tensor = _KernelRotations.apply(
+                    series, js.to(torch.int32), h, m, layout, plan
+                )  # (h, plan.n, m, s, s)
+                return full, True
             rot: Tensor = _KernelSquarings.apply(
                 series, js.to(torch.int32), h, m, layout
             )  # (h, N, m, s, s)
@@ -1005,13 +1054,14 @@ def _direct_rotations(positions: Tensor, bases: Tensor, sigma: Tensor) -> Tensor
             if order is not None:  # back to the callers' token order (contiguous rows: cheap)
                 rot = _TakeTokens.apply(rot, torch.argsort(order), order)
         if len(batch) == 1:
-            return rot
-        return rot.view(h, *batch, m, size, size).transpose(0, 1).contiguous()
+            return rot, False
+        return rot.view(h, *batch, m, size, size).transpose(0, 1).contiguous(), False
     squarings = squarings_for(norm, bases.dtype)
     scaled = bases * (2.0**-squarings) if squarings else bases
     if not entry_major:
         gen = block_generators(positions, scaled)
-        return _exp_by_squaring(gen.reshape(-1, size, size), squarings, False).view(gen.shape)
+        out = _exp_by_squaring(gen.reshape(-1, size, size), squarings, False)
+        return out.view(gen.shape), False
     # Note [small-block layout]: generators built entry-major directly (transposing a batch of
     # this size in and out costs more than the series on the 3-axis grids this path serves),
     # gen[i, j, .., h, n, m] = sum_a p[.., n, a] B[h, a, m, i, j]
@@ -1024,10 +1074,11 @@ def _direct_rotations(positions: Tensor, bases: Tensor, sigma: Tensor) -> Tensor
             taylor: Tensor = _TaylorSeries.apply(gen.reshape(size, size, -1), True)
             js = torch.full((positions.shape[0],), squarings, dtype=torch.int32)
             kernel_rot: Tensor = _KernelSquarings.apply(taylor, js, h, m, "entry-hnm")
-            return kernel_rot
+            return kernel_rot, False
     out = _exp_by_squaring(gen.reshape(size, size, -1), squarings, True)
     shape = gen.shape[2:]
-    return out.view(size, size, *shape).permute(*range(2, 2 + len(shape)), 0, 1).contiguous()
+    out = out.view(size, size, *shape).permute(*range(2, 2 + len(shape)), 0, 1)
+    return out.contiguous(), False
 
 
 def expm_skew_reference(gen: Tensor) -> Tensor:

@@ -75,8 +75,8 @@ SIZES = (4, 8, 16, 32, 64)
 APPLY_SIZES = (4, 8, 16, 32, 64)
 # squarings per matrix the kernels accept (stack buffers); more falls back to PyTorch
 MAX_SQUARINGS = 24
-# block sizes of the compiled products along rays (smaller blocks use torch.matmul)
-RAY_SIZES = (32, 64)
+# block sizes of the compiled products along rays
+RAY_SIZES = (4, 8, 16, 32, 64)
 # matrices per vector batch in the squarings (16 floats fill an AVX-512 register)
 _LANES = 16
 
@@ -153,18 +153,21 @@ _SQ_CONTEXT = """typedef struct {
     const REAL *t;          /* series: entry e = i*S+j of block (h, m) of token n at   */
     int64_t se, sh, sm, sn; /*   t[e*se + h*sh + m*sm + n*sn]                           */
     const int32_t *sq;      /* squarings per token (n)                                  */
-    const REAL *grad;       /* backward: dL/dR, (H, N, M, S, S) contiguous              */
-    REAL *out;              /* forward: R (H, N, M, S, S); backward: dL/dT, strides of t */
-    int64_t H, M, N;
+    const REAL *grad;       /* backward: dL/dR, (H, NO, M, S, S) contiguous             */
+    REAL *out;              /* forward: R (H, NO, M, S, S); backward: dL/dT, strides of t */
+    const int64_t *rows;    /* row of R (and dL/dR) for token n: rows[n], or n if NULL  */
+    int64_t H, M, N, NO;
 } sq_ctx_SFX;
+
+static inline int64_t row_SFX(const sq_ctx_SFX *c, int64_t n) { return c->rows ? c->rows[n] : n; }
 """
 
 _SQ_ENTRY = """void liere_squarings_SFX(const REAL *t, const int64_t *strides, const int32_t *sq,
-                         const REAL *grad, REAL *out, int64_t H, int64_t M, int64_t N,
-                         int backward, int threads) {
+                         const REAL *grad, REAL *out, const int64_t *rows, int64_t H,
+                         int64_t M, int64_t N, int64_t NO, int backward, int threads) {
     sq_ctx_SFX c;
     c.t = t; c.se = strides[0]; c.sh = strides[1]; c.sm = strides[2]; c.sn = strides[3];
-    c.sq = sq; c.grad = grad; c.out = out; c.H = H; c.M = M; c.N = N;
+    c.sq = sq; c.grad = grad; c.out = out; c.rows = rows; c.H = H; c.M = M; c.N = N; c.NO = NO;
     parallel_for(backward ? sq_bwd_range_SFX : sq_fwd_range_SFX, &c, ITEMS, threads);
 }
 """
@@ -174,6 +177,113 @@ def _with_shared_pieces(template: str) -> str:
     """Expand ``SQ_CONTEXT`` and ``SQ_ENTRY(items)`` in a squaring template."""
     template = template.replace("SQ_CONTEXT\n", _SQ_CONTEXT)
     return re.sub(r"SQ_ENTRY\((.*)\)\n", lambda m: _SQ_ENTRY.replace("ITEMS", m.group(1)), template)
+
+
+# Dense S x S products and transposes, one instance per (real type, block size S), used by the
+# large-block squarings, the products along rays and the application.
+_GEMM = r"""
+/* ---------------- SFX: REAL, S x S products ---------------- */
+
+typedef REAL mchunk_SFX __attribute__((vector_size(sizeof(REAL) * CW)));
+
+/* c = a @ b, or c += a @ b when acc, for row-major S x S matrices; always inlined, so that
+   each call site gets its own copy with acc known (as an out-of-line function called from
+   several places it ran 2.5x slower) */
+static ALWAYS_INLINE void gemm_SFX(const REAL *restrict a, const REAL *restrict b,
+                                   REAL *restrict c, int acc) {
+    for (int i0 = 0; i0 < S; i0 += RB) {
+        mchunk_SFX sum[RB][NC];
+        for (int r = 0; r < RB; r++)
+            for (int q = 0; q < NC; q++) {
+                if (acc) memcpy(&sum[r][q], c + (i0 + r) * S + q * CW, sizeof(mchunk_SFX));
+                else sum[r][q] = (mchunk_SFX){0};
+            }
+        for (int k = 0; k < S; k++) {
+            mchunk_SFX bk[NC];
+            memcpy(bk, b + k * S, sizeof(bk));
+            for (int r = 0; r < RB; r++) {
+                const REAL aik = a[(i0 + r) * S + k];
+                for (int q = 0; q < NC; q++) sum[r][q] += aik * bk[q];
+            }
+        }
+        memcpy(c + i0 * S, sum, sizeof(sum));
+    }
+}
+
+/* t = a^T for one S x S block, in TT x TT tiles */
+static void transpose_SFX(const REAL *restrict a, REAL *restrict t) {
+    for (int i0 = 0; i0 < S; i0 += TT)
+        for (int j0 = 0; j0 < S; j0 += TT) {
+            REAL tile[TT][TT];
+            for (int i = 0; i < TT; i++) memcpy(tile[i], a + (i0 + i) * S + j0, sizeof(tile[i]));
+            for (int j = 0; j < TT; j++)
+                for (int i = 0; i < TT; i++) t[(j0 + j) * S + i0 + i] = tile[i][j];
+        }
+}
+"""
+
+# Products along rays, one instance per (real type, block size S).
+_RAYS = r"""
+/* products along rays (Note [products along rays] in functional): items i in level order,
+   R[dst_i] = R[left_i] @ R[right_i]; backward, items reversed, dR[left_i] += dR[dst_i] R[right_i]^T
+   and dR[right_i] += R[left_i]^T dR[dst_i]. One task per (h, m): a task's items only read
+   its own earlier results, so no level needs a barrier and no two tasks write one matrix. */
+typedef struct {
+    REAL *rot;              /* (H, N, M, S, S) contiguous                                */
+    const REAL *grad;       /* backward: dL/dR, like rot; NULL forward                   */
+    REAL *dbase;            /* backward: dL/dR of the tokens in base, (H, NB, M, S, S)   */
+    const int64_t *dst, *left, *right, *base;
+    int64_t L, H, N, M, NB;
+} ray_ctx_SFX;
+
+static void ray_range_SFX(const void *vc, int64_t lo, int64_t hi) {
+    const ray_ctx_SFX *c = (const ray_ctx_SFX *)vc;
+    /* operands are copied into L1-sized buffers first: a product straight from the
+       (h, n, m) rows of a large tensor stalled on every first touch, 4x slower */
+    REAL *buf = (REAL *)alloc_vectors(sizeof(REAL) * (3 + (c->grad ? c->N : 0)) * S * S);
+    if (!buf) abort();
+    REAL *x = buf, *y = buf + S * S, *z = y + S * S, *scratch = z + S * S;
+    for (int64_t hm = lo; hm < hi; hm++) {
+        const int64_t h = hm / c->M, m = hm % c->M, row = c->M * S * S;
+        REAL *rot = c->rot + h * c->N * row + m * S * S;
+        if (!c->grad) {
+            for (int64_t i = 0; i < c->L; i++) {
+                memcpy(x, rot + c->left[i] * row, sizeof(REAL) * S * S);
+                memcpy(y, rot + c->right[i] * row, sizeof(REAL) * S * S);
+                gemm_SFX(x, y, z, 0);
+                memcpy(rot + c->dst[i] * row, z, sizeof(REAL) * S * S);
+            }
+            continue;
+        }
+        /* backward: this (h, m)'s gradient rows copied into a scratch (L2-sized for dense
+           heads), accumulated there, and only the base tokens' rows written out */
+        for (int64_t n = 0; n < c->N; n++)
+            memcpy(scratch + n * S * S, c->grad + (h * c->N + n) * row + m * S * S,
+                   sizeof(REAL) * S * S);
+        for (int64_t i = c->L - 1; i >= 0; i--) {
+            REAL *gl = scratch + c->left[i] * S * S, *gr = scratch + c->right[i] * S * S;
+            const REAL *gd = scratch + c->dst[i] * S * S;
+            transpose_SFX(rot + c->right[i] * row, y);
+            gemm_SFX(gd, y, gl, 1);  /* dR[left] += dR[dst] R[right]^T */
+            transpose_SFX(rot + c->left[i] * row, y);
+            gemm_SFX(y, gd, gr, 1);  /* dR[right] += R[left]^T dR[dst] */
+        }
+        for (int64_t i = 0; i < c->NB; i++)
+            memcpy(c->dbase + ((h * c->NB + i) * c->M + m) * S * S,
+                   scratch + c->base[i] * S * S, sizeof(REAL) * S * S);
+    }
+    free(buf);
+}
+
+void liere_rays_SFX(REAL *rot, const REAL *grad, REAL *dbase, const int64_t *base, int64_t NB,
+                    const int64_t *dst, const int64_t *left, const int64_t *right, int64_t L,
+                    int64_t H, int64_t N, int64_t M, int threads) {
+    ray_ctx_SFX c;
+    c.rot = rot; c.grad = grad; c.dbase = dbase; c.base = base; c.NB = NB;
+    c.dst = dst; c.left = left; c.right = right; c.L = L; c.H = H; c.N = N; c.M = M;
+    parallel_for(ray_range_SFX, &c, H * M, threads);
+}
+"""
 
 
 # One instance per (real type, block size S). Layout letters as in liere.functional. The
@@ -261,7 +371,7 @@ static void sq_fwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
             blend_SFX(r, cur, jv >= level);
         }
         for (int l = 0; l < cnt; l++) {
-            REAL *dst = c->out + ((h * c->N + n0 + l) * c->M + m) * (S * S);
+            REAL *dst = c->out + ((h * c->NO + row_SFX(c, n0 + l)) * c->M + m) * (S * S);
             for (int e = 0; e < S * S; e++) dst[e] = r[e][l];
         }
     }
@@ -281,8 +391,9 @@ static void sq_bwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
             mm_SFX(squares + (level - 1) * S * S, squares + (level - 1) * S * S,
                    squares + level * S * S);
         for (int l = 0; l < LW; l++) {
-            const REAL *src = c->grad + ((h * c->N + n0 + l) * c->M + m) * (S * S);
-            for (int e = 0; e < S * S; e++) g[e][l] = l < cnt ? src[e] : 0;
+            if (l >= cnt) { for (int e = 0; e < S * S; e++) g[e][l] = 0; continue; }
+            const REAL *src = c->grad + ((h * c->NO + row_SFX(c, n0 + l)) * c->M + m) * (S * S);
+            for (int e = 0; e < S * S; e++) g[e][l] = src[e];
         }
         for (int32_t level = top - 1; level >= 0; level--) {
             sqback_SFX(g, squares + level * S * S, g2);
@@ -308,32 +419,6 @@ SQ_ENTRY(H * M * ((N + LW - 1) / LW))
 _SQUARINGS_LARGE = r"""
 /* ---------------- SFX: REAL, S x S blocks, one matrix at a time ---------------- */
 
-typedef REAL mchunk_SFX __attribute__((vector_size(sizeof(REAL) * CW)));
-
-/* c = a @ b, or c += a @ b when acc, for row-major S x S matrices; always inlined, so that
-   each call site gets its own copy with acc known (as an out-of-line function called from
-   several places it ran 2.5x slower) */
-static ALWAYS_INLINE void gemm_SFX(const REAL *restrict a, const REAL *restrict b,
-                                   REAL *restrict c, int acc) {
-    for (int i0 = 0; i0 < S; i0 += RB) {
-        mchunk_SFX sum[RB][NC];
-        for (int r = 0; r < RB; r++)
-            for (int q = 0; q < NC; q++) {
-                if (acc) memcpy(&sum[r][q], c + (i0 + r) * S + q * CW, sizeof(mchunk_SFX));
-                else sum[r][q] = (mchunk_SFX){0};
-            }
-        for (int k = 0; k < S; k++) {
-            mchunk_SFX bk[NC];
-            memcpy(bk, b + k * S, sizeof(bk));
-            for (int r = 0; r < RB; r++) {
-                const REAL aik = a[(i0 + r) * S + k];
-                for (int q = 0; q < NC; q++) sum[r][q] += aik * bk[q];
-            }
-        }
-        memcpy(c + i0 * S, sum, sizeof(sum));
-    }
-}
-
 SQ_CONTEXT
 
 static void load_matrix_SFX(const REAL *src, int64_t se, REAL *dst) {
@@ -350,7 +435,8 @@ static void sq_fwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
         REAL *x = buf, *y = buf + S * S, *tmp;
         load_matrix_SFX(c->t + h * c->sh + m * c->sm + n * c->sn, c->se, x);
         for (int32_t l = 0; l < c->sq[n]; l++) { gemm_SFX(x, x, y, 0); tmp = x; x = y; y = tmp; }
-        memcpy(c->out + ((h * c->N + n) * c->M + m) * (S * S), x, sizeof(REAL) * S * S);
+        memcpy(c->out + ((h * c->NO + row_SFX(c, n)) * c->M + m) * (S * S), x,
+               sizeof(REAL) * S * S);
     }
     free(buf);
 }
@@ -367,11 +453,10 @@ static void sq_bwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
         load_matrix_SFX(c->t + off, c->se, squares);
         for (int32_t l = 1; l < j; l++)
             gemm_SFX(squares + (l - 1) * S * S, squares + (l - 1) * S * S, squares + l * S * S, 0);
-        memcpy(g, c->grad + ((h * c->N + n) * c->M + m) * (S * S), sizeof(REAL) * S * S);
+        memcpy(g, c->grad + ((h * c->NO + row_SFX(c, n)) * c->M + m) * (S * S),
+               sizeof(REAL) * S * S);
         for (int32_t l = j - 1; l >= 0; l--) {  /* g <- g s^T + s^T g */
-            const REAL *sl = squares + l * S * S;
-            for (int r = 0; r < S; r++)
-                for (int q = 0; q < S; q++) st[r * S + q] = sl[q * S + r];
+            transpose_SFX(squares + l * S * S, st);
             gemm_SFX(g, st, g2, 0);
             gemm_SFX(st, g, g2, 1);
             tmp = g; g = g2; g2 = tmp;
@@ -385,66 +470,10 @@ static void sq_bwd_range_SFX(const void *vc, int64_t lo, int64_t hi) {
 
 SQ_ENTRY(H * M * N)
 
-/* products along rays (Note [products along rays] in functional): items i in level order,
-   R[dst_i] = R[left_i] @ R[right_i]; backward, items reversed, dR[left_i] += dR[dst_i] R[right_i]^T
-   and dR[right_i] += R[left_i]^T dR[dst_i]. One task per (h, m): a task's items only read
-   its own earlier results, so no level needs a barrier and no two tasks write one matrix. */
-typedef struct {
-    REAL *rot, *grad;       /* (H, N, M, S, S) contiguous; grad NULL forward              */
-    const int64_t *dst, *left, *right;
-    int64_t L, H, N, M;
-} ray_ctx_SFX;
-
-/* defined with the application below */
-static void transpose_SFX(const REAL *restrict a, REAL *restrict t);
-
-static void ray_range_SFX(const void *vc, int64_t lo, int64_t hi) {
-    const ray_ctx_SFX *c = (const ray_ctx_SFX *)vc;
-    REAL *buf = (REAL *)alloc_vectors(sizeof(REAL) * S * S);
-    if (!buf) abort();
-    for (int64_t hm = lo; hm < hi; hm++) {
-        const int64_t h = hm / c->M, m = hm % c->M, row = c->M * S * S;
-        REAL *rot = c->rot + h * c->N * row + m * S * S;
-        if (!c->grad) {
-            for (int64_t i = 0; i < c->L; i++)
-                gemm_SFX(rot + c->left[i] * row, rot + c->right[i] * row, rot + c->dst[i] * row, 0);
-            continue;
-        }
-        REAL *grad = c->grad + h * c->N * row + m * S * S;
-        for (int64_t i = c->L - 1; i >= 0; i--) {
-            const REAL *gd = grad + c->dst[i] * row;
-            transpose_SFX(rot + c->right[i] * row, buf);
-            gemm_SFX(gd, buf, grad + c->left[i] * row, 1);
-            transpose_SFX(rot + c->left[i] * row, buf);
-            gemm_SFX(buf, gd, grad + c->right[i] * row, 1);
-        }
-    }
-    free(buf);
-}
-
-void liere_rays_SFX(REAL *rot, REAL *grad, const int64_t *dst, const int64_t *left,
-                    const int64_t *right, int64_t L, int64_t H, int64_t N, int64_t M,
-                    int threads) {
-    ray_ctx_SFX c;
-    c.rot = rot; c.grad = grad; c.dst = dst; c.left = left; c.right = right;
-    c.L = L; c.H = H; c.N = N; c.M = M;
-    parallel_for(ray_range_SFX, &c, H * M, threads);
-}
 """
 
 # The blockwise application, one instance per (real type, block size S).
 _APPLY = r"""
-/* t = a^T for one S x S block, in TT x TT tiles */
-static void transpose_SFX(const REAL *restrict a, REAL *restrict t) {
-    for (int i0 = 0; i0 < S; i0 += TT)
-        for (int j0 = 0; j0 < S; j0 += TT) {
-            REAL tile[TT][TT];
-            for (int i = 0; i < TT; i++) memcpy(tile[i], a + (i0 + i) * S + j0, sizeof(tile[i]));
-            for (int j = 0; j < TT; j++)
-                for (int i = 0; i < TT; i++) t[(j0 + j) * S + i0 + i] = tile[i][j];
-        }
-}
-
 typedef struct {
     const REAL *x[2]; const int64_t *sx[2];  /* q, k: (B, Hh, T, D), any strides       */
     const REAL *g[2]; const int64_t *sg[2];  /* backward: dL/dq', dL/dk', any strides  */
@@ -657,8 +686,10 @@ def _source() -> str:
     parts = [_COMMON, f"#define MAXSQ {MAX_SQUARINGS}\n#define LW {_LANES}\n"]
     for real in _INTS:
         small, large = _with_shared_pieces(_SQUARINGS), _with_shared_pieces(_SQUARINGS_LARGE)
+        parts += [_instance(_GEMM, real, size) for size in sorted({*SIZES, *APPLY_SIZES})]
         parts += [_instance(small, real, size) for size in SIZES if size <= 16]
         parts += [_instance(large, real, size) for size in SIZES if size > 16]
+        parts += [_instance(_RAYS, real, size) for size in RAY_SIZES]
         parts += [_instance(_APPLY, real, size) for size in APPLY_SIZES]
     return "\n".join(parts)
 
@@ -809,9 +840,9 @@ def _fn(kind: str, dtype: torch.dtype, size: int) -> ctypes._CFuncPtr:  # type: 
     if not getattr(fn, "_liere_typed", False):
         p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         if kind == "squarings":
-            fn.argtypes = [p, p, p, p, p, i64, i64, i64, i, i]
+            fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i, i]
         elif kind == "rays":
-            fn.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i]
+            fn.argtypes = [p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i]
         else:
             fn.argtypes = [p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i, i]
         fn.restype = None
@@ -841,33 +872,52 @@ def block_size_of(series: Tensor, layout: str) -> int:
     return int(series.shape[-1] if layout == "batch" else series.shape[0])
 
 
-def squarings_forward(series: Tensor, squarings: Tensor, h: int, m: int, layout: str) -> Tensor:
-    """``R[h, n, m] = T[h, m, n]^(2^squarings[n])`` (Note [compiled kernels]).
+def squarings_forward(
+    series: Tensor,
+    squarings: Tensor,
+    h: int,
+    m: int,
+    layout: str,
+    out: Optional[Tensor] = None,
+    rows: Optional[Tensor] = None,
+) -> Tensor:
+    """``R[h, n, m] = T[h, m, n]^(2^squarings[n])`` (Note [compiled kernels]); with ``out``
+    and ``rows``, token ``n`` is written to row ``rows[n]`` of ``out`` (other rows are left
+    as they are).
 
     Shape:
-        series contiguous in ``layout`` (``LAYOUTS``); squarings ``(N,)`` int32
-        -> ``(h, N, m, s, s)``
+        series contiguous in ``layout`` (``LAYOUTS``); squarings ``(N,)`` int32; rows ``(N,)``
+        int64 -> ``(h, N, m, s, s)``, or ``out`` ``(h, N', m, s, s)`` contiguous
     """
     s, n = block_size_of(series, layout), squarings.shape[0]
-    out = series.new_empty(h, n, m, s, s)
+    if out is None:
+        out = series.new_empty(h, n, m, s, s)
     strides = (ctypes.c_int64 * 4)(*_series_strides(layout, s, h, m, n))
     _fn("squarings", series.dtype, s)(
-        _ptr(series), strides, _ptr(squarings), None, _ptr(out), h, m, n, 0, _threads()
-    )
+        _ptr(series), strides, _ptr(squarings), None, _ptr(out), _ptr(rows), h, m, n,
+        out.shape[1], 0, _threads(),
+    )  # fmt: skip
     return out
 
 
 def squarings_backward(
-    series: Tensor, squarings: Tensor, grad: Tensor, h: int, m: int, layout: str
+    series: Tensor,
+    squarings: Tensor,
+    grad: Tensor,
+    h: int,
+    m: int,
+    layout: str,
+    rows: Optional[Tensor] = None,
 ) -> Tensor:
-    """``dL/dT`` from ``dL/dR`` (``grad``, contiguous ``(h, N, m, s, s)``), laid out like
-    ``series``."""
+    """``dL/dT`` from ``dL/dR`` (``grad``, contiguous ``(h, N, m, s, s)``, or with ``rows``
+    ``(h, N', m, s, s)`` with token ``n`` in row ``rows[n]``), laid out like ``series``."""
     s, n = block_size_of(series, layout), squarings.shape[0]
     out = torch.empty_like(series)
     strides = (ctypes.c_int64 * 4)(*_series_strides(layout, s, h, m, n))
     _fn("squarings", series.dtype, s)(
-        _ptr(series), strides, _ptr(squarings), _ptr(grad), _ptr(out), h, m, n, 1, _threads()
-    )
+        _ptr(series), strides, _ptr(squarings), _ptr(grad), _ptr(out), _ptr(rows), h, m, n,
+        grad.shape[1], 1, _threads(),
+    )  # fmt: skip
     return out
 
 
@@ -929,20 +979,26 @@ def ray_products_forward(rotations: Tensor, dst: Tensor, left: Tensor, right: Te
     """
     h, n, m, s, _ = rotations.shape
     _fn("rays", rotations.dtype, s)(
-        _ptr(rotations), None, _ptr(dst), _ptr(left), _ptr(right), dst.shape[0], h, n, m,
-        _threads(),
+        _ptr(rotations), None, None, None, 0, _ptr(dst), _ptr(left), _ptr(right), dst.shape[0],
+        h, n, m, _threads(),
     )  # fmt: skip
 
 
 def ray_products_backward(
-    rotations: Tensor, grad: Tensor, dst: Tensor, left: Tensor, right: Tensor
-) -> None:
-    """In place, items reversed: ``G[:, left_i] += G[:, dst_i] R[:, right_i]^T`` and
-    ``G[:, right_i] += R[:, left_i]^T G[:, dst_i]``: ``grad`` (contiguous, like
-    ``rotations``) turns from the gradient of every token's rotation into that of the
-    rotations computed directly (the other rows are left as they were)."""
+    rotations: Tensor, grad: Tensor, base: Tensor, dst: Tensor, left: Tensor, right: Tensor
+) -> Tensor:
+    """The gradient of the tokens in ``base`` (computed directly) from that of every token
+    (``grad``, contiguous like ``rotations``), items reversed:
+    ``G[:, left_i] += G[:, dst_i] R[:, right_i]^T``, ``G[:, right_i] += R[:, left_i]^T G[:, dst_i]``
+    (``grad`` itself is not modified).
+
+    Shape:
+        rotations, grad ``(h, n, m, s, s)``; base ``(nb,)`` int64 -> ``(h, nb, m, s, s)``
+    """
     h, n, m, s, _ = rotations.shape
+    d_base = grad.new_empty(h, base.shape[0], m, s, s)
     _fn("rays", rotations.dtype, s)(
-        _ptr(rotations), _ptr(grad), _ptr(dst), _ptr(left), _ptr(right), dst.shape[0], h, n, m,
-        _threads(),
+        _ptr(rotations), _ptr(grad), _ptr(d_base), _ptr(base), base.shape[0], _ptr(dst),
+        _ptr(left), _ptr(right), dst.shape[0], h, n, m, _threads(),
     )  # fmt: skip
+    return d_base
