@@ -16,11 +16,12 @@ per forward product; the series GEMM counts twice), added to the layer without e
 best ratio this algorithm can reach on this machine, whatever else is optimised. A per-token
 product is timed as the fastest of torch.bmm, the entry-major kernel (blocks <= 8) and the
 compiled squaring kernel (two squarings of every matrix minus one, when the kernels are
-built), and counted as many times as the tokens' average squaring count. With one or two
-axes the series is one GEMM plus per-block coefficient products (timed as such) and only the
-squarings are per-token products; otherwise Paterson-Stockmeyer's products are. The
-application is timed as the compiled kernel's forward when built, else as the batched
-product.
+built), and counted as many times per token as the directly computed tokens' squarings plus
+one per token split along its ray (Note [products along rays]), averaged over the tokens.
+With one or two axes the series is one GEMM over the directly computed tokens plus per-block
+coefficient products (timed as such) and only the squarings and splits are per-token
+products; otherwise Paterson-Stockmeyer's products are. The application is timed as the
+compiled kernel's forward when built, else as the batched product.
 
 Case names: ``liere8`` per-head generators with 8x8 blocks (the paper's LieRE_8), ``liere64``
 dense, ``liere8-shared`` one set shared by all heads (``num_heads=1``, the constructor's
@@ -121,10 +122,16 @@ def floor_ms(
     t_gemm = t_coef = 0.0  # per-block work outside the per-token products (timed, forward)
     if F._uses_polynomial(torch.float32, enc.num_axes):
         degree, theta = F._POLY[torch.float32]
-        products = float(F._token_squarings(token_bound, theta).double().mean())
+        js = F._token_squarings(token_bound, theta)
+        # Note [products along rays]: split tokens cost one product, the others their
+        # squarings; the series GEMM covers the directly computed tokens only
+        plan = F._ray_plan(positions, js) if positions.device.type == "cpu" else None
+        direct = plan.base if plan is not None else torch.arange(n)
+        split = plan.split if plan is not None else 0
+        products = (float(js[direct].sum()) + split) / n
         terms = F._poly_weights(positions, degree).shape[-1]
         flat = torch.randn(enc.num_heads * enc.num_blocks * s * s, terms, device=positions.device)
-        weights = torch.randn(terms, n, device=positions.device)
+        weights = torch.randn(terms, len(direct), device=positions.device)
         t_gemm = median_ms(lambda: flat @ weights)
         t_coef = median_ms(lambda: F._poly_coefficients(bases, degree))
     else:
