@@ -228,6 +228,21 @@ def test_polynomial_series_equals_the_taylor_series(axes):
     torch.testing.assert_close(series, expected, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("axes", [1, 2])
+def test_coefficient_recursion_backward_matches_autograd(axes):
+    # _PolyCoefficients' hand-written backward against autograd through the plain recursion
+    bases = skew(2 * axes * 2, 3, 0.7, seed=5 + axes).view(2, axes, 2, 3, 3)
+    stacked = F._stack_axes(bases).requires_grad_(True)
+    fast = F._PolyCoefficients.apply(stacked, 5)
+    plain = F._poly_coefficients_plain(stacked, 5)
+    torch.testing.assert_close(fast, plain, atol=1e-13, rtol=0)
+    grad = randn(*fast.shape, seed=6, dtype=torch.float64)
+    (d_fast,) = torch.autograd.grad(fast, stacked, grad)
+    (d_plain,) = torch.autograd.grad(plain, stacked, grad)
+    torch.testing.assert_close(d_fast, d_plain, atol=1e-11, rtol=0)
+    assert torch.autograd.gradcheck(lambda x: F._PolyCoefficients.apply(x, 3), (stacked,))
+
+
 @pytest.mark.parametrize("axes", [1, 3])  # 3 axes: Paterson-Stockmeyer per token
 @pytest.mark.parametrize("block", [4, 16])
 def test_lie_rotations_other_axis_counts_match_reference(axes, block):
