@@ -308,3 +308,21 @@ def test_more_squarings_than_the_kernels_take_fall_back(monkeypatch):
     monkeypatch.setattr(K, "squarings_forward", lambda *a: calls.append(a))
     torch.testing.assert_close(F.lie_rotations(positions, bases), expected, atol=1e-6, rtol=0)
     assert not calls
+
+
+def test_large_outputs_are_advised_for_huge_pages(monkeypatch):
+    # Note [huge pages for fresh outputs]: a hint on the 2 MB-aligned part of large outputs
+    calls = []
+    monkeypatch.setattr(
+        K, "_madvise", lambda start, length, advice: calls.append((start, length, advice)) or 0
+    )
+    like = torch.zeros(3, dtype=torch.float64)
+    small = K._fresh(like, 1000)
+    assert small.shape == (1000,) and small.dtype == torch.float64 and not calls
+    big = K._fresh(like, 3, 2**20)  # 24 MB
+    assert big.shape == (3, 2**20) and big.is_contiguous()
+    ((start, length, advice),) = calls
+    assert advice == 14 and start % (2 << 20) == 0 and length % (2 << 20) == 0 and length > 0
+    assert big.data_ptr() <= start and start + length <= big.data_ptr() + big.numel() * 8
+    monkeypatch.setattr(K, "_madvise", None)  # other platforms: no hint, same tensor
+    assert K._fresh(like, 3, 2**20).shape == (3, 2**20)

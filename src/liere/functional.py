@@ -910,7 +910,7 @@ class _KernelRotations(torch.autograd.Function):
         ctx: Any, series: Tensor, js: Tensor, h: int, m: int, layout: str, plan: _RayPlan
     ) -> Tensor:
         size = _kernels.block_size_of(series, layout)
-        out = series.new_empty(h, plan.n, m, size, size)
+        out = _kernels._fresh(series, h, plan.n, m, size, size)
         _kernels.squarings_forward(series, js, h, m, layout, out=out, rows=plan.base)
         _kernels.ray_products_forward(out, *plan.items)
         ctx.save_for_backward(series, js, out)
