@@ -10,6 +10,7 @@ Nothing here owns parameters; the modules in ``liere.encodings`` call these func
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from typing import Any, Optional
 
@@ -770,8 +771,9 @@ class _TakeTokens(torch.autograd.Function):
 # set of positions and squaring counts, and kept in a small cache).
 
 _RAY_PLAN_CACHE: dict[tuple[Any, ...], Optional[_RayPlan]] = {}
-_RAY_PLAN_CACHE_SIZE = 8
+_RAY_PLAN_CACHE_SIZE = 32  # chunked rotations (max_tokens_per_chunk) need one per chunk
 _RAY_MAX_INDEX = 2**20
+_RAY_PLAN_LOCK = threading.Lock()
 
 
 class _RayPlan:
@@ -804,12 +806,14 @@ def _ray_plan(positions: Tensor, js: Tensor) -> Optional[_RayPlan]:
         tuple(positions.flatten().tolist()),
         tuple(js.tolist()),
     )
-    if key in _RAY_PLAN_CACHE:
-        return _RAY_PLAN_CACHE[key]
+    with _RAY_PLAN_LOCK:
+        if key in _RAY_PLAN_CACHE:
+            return _RAY_PLAN_CACHE[key]
     plan = _build_ray_plan(positions, js)
-    if len(_RAY_PLAN_CACHE) >= _RAY_PLAN_CACHE_SIZE:
-        _RAY_PLAN_CACHE.pop(next(iter(_RAY_PLAN_CACHE)))
-    _RAY_PLAN_CACHE[key] = plan
+    with _RAY_PLAN_LOCK:  # forward passes may run in several threads
+        while len(_RAY_PLAN_CACHE) >= _RAY_PLAN_CACHE_SIZE:
+            _RAY_PLAN_CACHE.pop(next(iter(_RAY_PLAN_CACHE)))
+        _RAY_PLAN_CACHE[key] = plan
     return plan
 
 
@@ -955,7 +959,9 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
     into the positions (or bases). With one or two axes each token gets its own ``j`` (Note
     [per-token squarings]) and the Taylor series of every token comes from one GEMM (Note
     [series as a polynomial in the positions]); with three, one ``j`` for all and
-    Paterson-Stockmeyer per token (Note [Taylor scaling and squaring]). The squarings run in
+    Paterson-Stockmeyer per token (Note [Taylor scaling and squaring]). Tokens on a lattice
+    that are integer multiples of other tokens (most grids) are products of two rotations
+    along their ray instead (Note [products along rays]). The squarings and products run in
     the compiled kernels when they are built (Note [compiled kernels] in ``liere.kernels``),
     else in PyTorch ops. ``method`` as in ``expm_skew``.
 

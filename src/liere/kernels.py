@@ -11,16 +11,24 @@ scatter of both. Plain C loops keep each matrix in registers or L1 instead:
 
 * ``squarings``: ``R = T^(2^j_n)`` per matrix, each token with its own ``j_n`` (Note
   [per-token squarings] in ``functional``), written straight into the ``(h, n, m, s, s)``
-  layout the application reads. Blocks up to 16 are squared 16 at a time, one matrix per
+  layout the application reads (into given rows of a larger tensor when some tokens come
+  from products along rays). Blocks up to 16 are squared 16 at a time, one matrix per
   vector lane; blocks of 32 and 64 one at a time with a register-tiled product. The backward
   recomputes the squares from ``T`` (nothing but ``T`` is saved) and runs
-  ``G <- G S^T + S^T G`` per matrix.
+  ``G <- G S^T + S^T G`` per matrix. Keeping the squares instead was measured slower here
+  (57 MB more written and read per dense ViT-S layer at batch 8 cost more than the third of
+  the backward's products it saves), with or without huge pages.
+* ``rays``: ``R[dst] = R[left] @ R[right]`` for the tokens split along rays (Note [products
+  along rays] in ``functional``), one task per (head, block), operands copied into L1-sized
+  buffers first (a product read straight from a tensor of tens of MB stalled on every first
+  touch, 4x slower); the backward accumulates in a per-task scratch and writes out the
+  gradient of the directly computed tokens only.
 * ``apply``: ``q' = R q`` and ``k' = R k`` block by block for blocks up to 64, read in place
   from any strides (q and k are usually views of one qkv tensor) and written to fresh
   contiguous tensors, prefix tokens copied; one token per task, batch rows in tiles that
   share each load of ``R``. The backward gives ``R^T dq'`` and ``dR = sum_batch dq' q^T``.
 
-Both split their work over torch's OpenMP threads: built with ``-fopenmp``, the library
+All split their work over torch's OpenMP threads: built with ``-fopenmp``, the library
 links ``libgomp.so.1``, which resolves to the copy torch has loaded, so the kernels run on
 torch's worker threads (awake right after torch's own parallel ops) instead of competing
 with them. Without OpenMP they start pthreads.
