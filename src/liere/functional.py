@@ -648,8 +648,9 @@ def _monomial_table(
 # token n gets j_n = ceil(log2(bound_n / theta)) with bound_n = max over heads and blocks of
 # sum_a |p_a| ||B_a||_2, its positions (hence its series) are scaled by 2^-j_n, and tokens
 # are sorted by j_n (descending) so that the l-th squaring is a product over the prefix of
-# tokens with j_n >= l. On a 14x14 grid with the paper's init this is 622 token-squarings
-# instead of 196 * 4 = 784. The rotations are put back in the callers' token order after
+# tokens with j_n >= l. On a 14x14 grid with the paper's init (LieRE_8, 6 heads, seed 0,
+# float32 degree 14) this is 689 token-squarings instead of 196 * 5 = 980, before products
+# along rays take 78 tokens out. The rotations are put back in the callers' token order after
 # they are laid out as (h, n, m, s, s), where each token's blocks are one contiguous row.
 
 
