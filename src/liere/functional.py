@@ -380,11 +380,12 @@ def _exp_by_squaring(x: Tensor, squarings: int, entry_major: bool) -> Tensor:
 
 # Note [extrapolation]: float32 rotations lose orthogonality in proportion to the generator
 # norm. Measured by benchmarks/extrapolation.py (paper init, seed 0, 14x14 grid scaled):
-# 8x8 blocks max|R^T R - I| = 7.5e-6 at 1x the training range (||G|| = 40), 5.8e-5 at 8x
-# (||G|| = 318); dense 64x64 4.0e-5 at 1x (||G|| = 262), 3.1e-4 at 8x (||G|| = 2,096); about
-# 1.5e-7 * ||G|| at large norms. The tests hold it to 10 * s * eps * max(1, ||G||). Past
-# ||G|| = 2^14 the error passes 1e-3 and keeps growing, so a RuntimeWarning says so; float64
-# inputs are accurate to about 1e-16 * ||G||.
+# 8x8 blocks max|R^T R - I| = 1.25e-5 at 1x the training range (||G|| = 40), 8.4e-5 at 8x
+# (||G|| = 318); dense 64x64 3.1e-5 at 1x (||G|| = 262), 2.3e-4 at 8x (||G|| = 2,096); about
+# 1.1e-7 * ||G|| at large norms, at or below float32 torch.linalg.matrix_exp at every scale.
+# The tests hold it to 10 * s * eps * max(1, ||G||). Past ||G|| = 2^14 the error passes 1e-3
+# and keeps growing, so a RuntimeWarning says so; float64 inputs are accurate to about
+# 1e-16 * ||G||.
 LARGE_NORM = {torch.float32: 2.0**14, torch.float64: 2.0**40}
 
 
@@ -986,30 +987,34 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
         js = _token_squarings(bound.amax(dim=(-3, -1)), theta)
         plan = _ray_plan(positions, js)
         if plan is not None:
-            rotations, done = _direct_rotations(positions[plan.base], bases, sigma, plan)
+            base = plan.base
+            rotations, done = _direct_rotations(positions[base], bases, sigma, bound[:, base], plan)
             if done:
                 return rotations
             split: Tensor = _RayProducts.apply(rotations, plan)
             return split
-    return _direct_rotations(positions, bases, sigma)[0]
+    return _direct_rotations(positions, bases, sigma, bound)[0]
 
 
 def _direct_rotations(
-    positions: Tensor, bases: Tensor, sigma: Tensor, plan: Optional[_RayPlan] = None
+    positions: Tensor,
+    bases: Tensor,
+    sigma: Tensor,
+    bound: Tensor,
+    plan: Optional[_RayPlan] = None,
 ) -> tuple[Tensor, bool]:
     """``lie_rotations``' fast path for every token; ``sigma``: the spectral norms of the
-    bases (no gradient). With ``plan`` (``positions`` are then its directly computed tokens)
-    the compiled kernels may do the products along rays too: the flag says whether they did
-    (the result then covers all ``plan.n`` tokens).
+    bases, ``bound``: the per-token, per-block norm bound (both without gradient). With
+    ``plan`` (``positions`` are then its directly computed tokens) the compiled kernels may do
+    the products along rays too: the flag says whether they did (the result then covers all
+    ``plan.n`` tokens).
 
     Shape:
-        positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)``; sigma ``(h, a, m)``
-        -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``
+        positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)``; sigma ``(h, a, m)``;
+        bound ``(.., h, n, m)`` -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``
     """
     size = bases.shape[-1]
     h, a, m = bases.shape[:3]
-    with torch.no_grad():
-        bound = torch.matmul(positions.detach().abs().unsqueeze(-3), sigma)  # (.., h, n, m)
     norm = float(bound.amax()) if bound.numel() else 0.0
     entry_major = size <= _ENTRY_MAJOR_MAX_BLOCK
     batch = positions.shape[:-1]  # (n,) or (b, n)
