@@ -310,8 +310,12 @@ def test_more_squarings_than_the_kernels_take_fall_back(monkeypatch):
     assert not calls
 
 
-def test_large_outputs_are_advised_for_huge_pages(monkeypatch):
-    # Note [huge pages for fresh outputs]: a hint on the 2 MB-aligned part of large outputs
+@pytest.mark.parametrize("pool", ["0", "256"], ids=["no-pool", "pool"])
+def test_large_outputs_are_advised_for_huge_pages(monkeypatch, pool):
+    # Note [huge pages for fresh outputs]: a hint on the 2 MB-aligned part of large outputs,
+    # newly allocated or newly pooled (Note [buffer pool])
+    monkeypatch.setenv("LIERE_POOL_MB", pool)
+    monkeypatch.setattr(K, "_pool", K._BufferPool())
     calls = []
     monkeypatch.setattr(
         K, "_madvise", lambda start, length, advice: calls.append((start, length, advice)) or 0

@@ -561,7 +561,7 @@ class _PolyCoefficients(torch.autograd.Function):
         hm, rows, s = stacked.shape
         a = rows // s
         offsets = _level_offsets(degree, a)
-        out = stacked.new_empty(hm, s, offsets[-1] * s)
+        out = _kernels._fresh(stacked, hm, s, offsets[-1] * s)
         out[:, :, :s].copy_(torch.eye(s, dtype=stacked.dtype, device=stacked.device))
         for k in range(1, degree + 1):
             prev = out[:, :, offsets[k - 1] * s : offsets[k] * s]
@@ -605,6 +605,112 @@ class _PolyCoefficients(torch.autograd.Function):
             if k > 1:
                 carry = torch.bmm(st, g_prod)
         return d_stacked, None
+
+
+def _series_product_plain(coefficients: Tensor, weights: Tensor, entry_major: bool) -> Tensor:
+    """The series of every token from the coefficients (``_SeriesProduct`` in plain ops).
+
+    Shape:
+        coefficients ``(hm, s, T*s)``, weights ``(N, T)`` -> entry-major ``(s, s, hm, N)`` or
+        batch-major ``(N, hm, s, s)``
+    """
+    hm, s, ts = coefficients.shape
+    terms, count = ts // s, weights.shape[0]
+    blocks = coefficients.view(hm, s, terms, s)
+    if entry_major:  # (s*s*hm, T) @ (T, N)
+        flat = blocks.permute(1, 3, 0, 2).reshape(-1, terms)
+        return torch.matmul(flat, weights.mT).view(s, s, hm, count)
+    flat = blocks.permute(2, 0, 1, 3).reshape(terms, -1)  # (N, T) @ (T, hm*s*s)
+    return torch.matmul(weights, flat).view(count, hm, s, s)
+
+
+class _SeriesProduct(torch.autograd.Function):
+    """``_series_product_plain`` with every large buffer (the coefficients laid out for the
+    GEMM, the series, and their gradients) from the buffer pool (Note [buffer pool] in
+    ``liere.kernels``): one permuted copy and one GEMM each way."""
+
+    @staticmethod
+    def forward(ctx: Any, coefficients: Tensor, weights: Tensor, entry_major: bool) -> Tensor:
+        hm, s, ts = coefficients.shape
+        terms, count = ts // s, weights.shape[0]
+        blocks = coefficients.view(hm, s, terms, s)
+        fresh = _kernels._fresh
+        if entry_major:
+            flat = fresh(coefficients, s, s, hm, terms)
+            flat.copy_(blocks.permute(1, 3, 0, 2))
+            out = fresh(coefficients, s, s, hm, count)
+            torch.mm(flat.view(-1, terms), weights.mT, out=out.view(-1, count))
+        else:
+            flat = fresh(coefficients, terms, hm, s, s)
+            flat.copy_(blocks.permute(2, 0, 1, 3))
+            out = fresh(coefficients, count, hm, s, s)
+            torch.mm(weights, flat.view(terms, -1), out=out.view(count, -1))
+        ctx.entry_major = entry_major
+        ctx.shape = (hm, s, terms, count)
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(coefficients, weights)
+        else:
+            ctx.save_for_backward(None, weights)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:
+        coefficients, weights = ctx.saved_tensors
+        entry_major = ctx.entry_major
+        hm, s, terms, count = ctx.shape
+        if torch.is_grad_enabled():  # create_graph=True: differentiable plain ops
+            d_coef = d_weights = None
+            if ctx.needs_input_grad[0]:
+                d_coef = _series_product_plain_grad_coefficients(grad, weights, entry_major, s)
+            if ctx.needs_input_grad[1]:
+                with torch.enable_grad():
+                    ref = _series_product_plain(coefficients, weights, entry_major)
+                    (d_weights,) = torch.autograd.grad(ref, weights, grad, create_graph=True)
+            return d_coef, d_weights, None
+        fresh = _kernels._fresh
+        g = grad.contiguous()
+        d_coef = d_weights = None
+        if ctx.needs_input_grad[0]:
+            d_flat: Tensor
+            if entry_major:  # d_flat (s*s*hm, T) = g (s*s*hm, N) @ W (N, T)
+                tmp = fresh(grad, s, s, hm, terms)
+                torch.mm(g.view(-1, count), weights, out=tmp.view(-1, terms))
+                d_flat = tmp.permute(2, 0, 3, 1)  # (hm, s, T, s)
+            else:  # d_flat (T, hm*s*s) = W^T (T, N) @ g (N, hm*s*s)
+                tmp = fresh(grad, terms, hm, s, s)
+                torch.mm(weights.mT, g.view(count, -1), out=tmp.view(terms, -1))
+                d_flat = tmp.permute(1, 2, 0, 3)  # (hm, s, T, s)
+            d_coef = fresh(grad, hm, s, terms * s)
+            d_coef.view(hm, s, terms, s).copy_(d_flat)
+        if ctx.needs_input_grad[1]:
+            d_weights = _series_product_weights_grad(g, coefficients, entry_major)
+        return d_coef, d_weights, None
+
+
+def _series_product_plain_grad_coefficients(
+    grad: Tensor, weights: Tensor, entry_major: bool, s: int
+) -> Tensor:
+    """The coefficients' gradient of ``_series_product_plain`` in differentiable ops."""
+    count, terms = weights.shape
+    if entry_major:  # grad (s, s, hm, N)
+        hm = grad.shape[2]
+        d_flat = torch.matmul(grad.reshape(-1, count), weights).view(s, s, hm, terms)
+        return d_flat.permute(2, 0, 3, 1).reshape(hm, s, terms * s)
+    hm = grad.shape[1]
+    d_flat = torch.matmul(weights.mT, grad.reshape(count, -1)).view(terms, hm, s, s)
+    return d_flat.permute(1, 2, 0, 3).reshape(hm, s, terms * s)
+
+
+def _series_product_weights_grad(grad: Tensor, coefficients: Tensor, entry_major: bool) -> Tensor:
+    """The weights' gradient of ``_series_product_plain`` (positions that need gradients)."""
+    hm, s, ts = coefficients.shape
+    terms = ts // s
+    blocks = coefficients.view(hm, s, terms, s)
+    if entry_major:  # grad (s, s, hm, N): d_W (N, T) = g^T @ flat
+        flat = blocks.permute(1, 3, 0, 2).reshape(-1, terms)
+        return torch.matmul(grad.reshape(-1, grad.shape[-1]).mT, flat)
+    flat = blocks.permute(2, 0, 1, 3).reshape(terms, -1)  # d_W = g (N, hm*s*s) @ flat^T
+    return torch.matmul(grad.reshape(grad.shape[0], -1), flat.mT)
 
 
 def _poly_weights(positions: Tensor, degree: int) -> Tensor:
@@ -1041,14 +1147,7 @@ def _direct_rotations(
         scale = torch.exp2(e - js.to(flat_pos.dtype)).unsqueeze(-1)
         weights = _poly_weights(flat_pos * scale, degree)  # (N, T)
         coefficients = _poly_coefficients(bases * 2.0**-e if e else bases, degree)  # (hm, s, T*s)
-        terms = coefficients.shape[-1] // size
-        blocks = coefficients.view(h * m, size, terms, size)
-        if entry_major:  # (s*s*hm, T) @ (T, N) -> entry-major (s, s, hm, N)
-            flat = blocks.permute(1, 3, 0, 2).reshape(-1, terms)
-            series = torch.matmul(flat, weights.mT).view(size, size, h * m, count)
-        else:  # (N, T) @ (T, hm*s*s) -> batch-major (N, hm, s, s)
-            flat = blocks.permute(2, 0, 1, 3).reshape(terms, -1)
-            series = torch.matmul(weights, flat).view(count, h * m, size, size)
+        series: Tensor = _SeriesProduct.apply(coefficients, weights, entry_major)
         if kernel:
             layout = "entry" if entry_major else "batch"
             if plan is not None and _kernels.usable(bases, size=size, sizes=_kernels.RAY_SIZES):
