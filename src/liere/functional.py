@@ -472,7 +472,8 @@ def expm_skew(gen: Tensor, *, method: str = "auto") -> Tensor:
 # products of |e| bases with e_a copies of B_a. The C_e follow from C_e = sum_a B_a C_{e-1_a},
 # one bmm per degree for every head and block at once (O(m^2) products per block, not per
 # token); the series for every token is then a single GEMM of monomials (tokens x T) with
-# coefficients (T x blocks*s*s). Per-token products are left for the squarings only, and
+# coefficients (T x blocks*s*s) (``_SeriesProduct``: its buffers come from the buffer pool,
+# Note [buffer pool] in ``liere.kernels``). Per-token products are left for the squarings only, and
 # since the degree no longer costs per-token products it is raised (theta 2.1 instead of 1.3),
 # which saves a squaring. Used for one or two axes (T = m+1 or (m+1)(m+2)/2 = 15 or 120 in
 # float32); with three axes T = 680 and Paterson-Stockmeyer per token is cheaper.

@@ -31,7 +31,8 @@ scatter of both. Plain C loops keep each matrix in registers or L1 instead:
 All split their work over torch's OpenMP threads: built with ``-fopenmp``, the library
 links ``libgomp.so.1``, which resolves to the copy torch has loaded, so the kernels run on
 torch's worker threads (awake right after torch's own parallel ops) instead of competing
-with them. Without OpenMP they start pthreads.
+with them. Without OpenMP they start pthreads. Their outputs, like the library's other large
+CPU buffers, come from a pool of reused storages (Note [buffer pool]).
 
 The source is C11 with GCC/Clang vector extensions and pthreads (no Python or torch
 headers), compiled on first use with the system C compiler (``$CC``, else
