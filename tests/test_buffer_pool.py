@@ -172,3 +172,13 @@ def test_series_product_matches_plain_ops_and_gradchecks(entry_major, weights_gr
 
     assert torch.autograd.gradcheck(fn, (coefficients, weights))
     assert torch.autograd.gradgradcheck(fn, (coefficients, weights))
+
+
+@needs_use_count
+def test_status_names_the_pool_limit(monkeypatch):
+    monkeypatch.setenv("LIERE_POOL_MB", "64")
+    assert K.status().endswith(", buffer pool 64 MB")
+    monkeypatch.setenv("LIERE_POOL_MB", "0")
+    assert K.status().endswith(", buffer pool off")
+    monkeypatch.setenv("LIERE_POOL_MB", "lots")  # unreadable: the default
+    assert K.status().endswith(f", buffer pool {K._POOL_DEFAULT_MB} MB")

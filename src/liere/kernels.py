@@ -816,8 +816,15 @@ def unavailable_reason() -> str:
 
 
 def status() -> str:
-    """One line for logs and benchmark headers: ``"kernels on"`` or why they are off."""
-    return "kernels on" if available() else f"kernels off ({unavailable_reason()})"
+    """One line for logs and benchmark headers: ``"kernels on"`` or why they are off, and the
+    buffer pool's limit (Note [buffer pool])."""
+    kernels = "kernels on" if available() else f"kernels off ({unavailable_reason()})"
+    limit = _pool_limit()
+    if _use_count is None:
+        pool = "buffer pool off (no storage use count in this torch)"
+    else:
+        pool = f"buffer pool {limit / 2**20:g} MB" if limit else "buffer pool off"
+    return f"{kernels}, {pool}"
 
 
 def usable(*tensors: Tensor, size: int, sizes: tuple[int, ...] = SIZES) -> bool:
