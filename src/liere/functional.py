@@ -628,7 +628,9 @@ def _series_product_plain(coefficients: Tensor, weights: Tensor, entry_major: bo
 class _SeriesProduct(torch.autograd.Function):
     """``_series_product_plain`` with every large buffer (the coefficients laid out for the
     GEMM, the series, and their gradients) from the buffer pool (Note [buffer pool] in
-    ``liere.kernels``): one permuted copy and one GEMM each way."""
+    ``liere.kernels``): one permuted copy and one GEMM each way. Saves the coefficients (which
+    ``_PolyCoefficients`` keeps anyway), the weights, and the permuted copy only when the
+    weights need a gradient."""
 
     @staticmethod
     def forward(ctx: Any, coefficients: Tensor, weights: Tensor, entry_major: bool) -> Tensor:
@@ -636,82 +638,57 @@ class _SeriesProduct(torch.autograd.Function):
         terms, count = ts // s, weights.shape[0]
         blocks = coefficients.view(hm, s, terms, s)
         fresh = _kernels._fresh
-        if entry_major:
+        if entry_major:  # (s*s*hm, T) @ (T, N) -> (s, s, hm, N)
             flat = fresh(coefficients, s, s, hm, terms)
             flat.copy_(blocks.permute(1, 3, 0, 2))
             out = fresh(coefficients, s, s, hm, count)
             torch.mm(flat.view(-1, terms), weights.mT, out=out.view(-1, count))
-        else:
+        else:  # (N, T) @ (T, hm*s*s) -> (N, hm, s, s)
             flat = fresh(coefficients, terms, hm, s, s)
             flat.copy_(blocks.permute(2, 0, 1, 3))
             out = fresh(coefficients, count, hm, s, s)
             torch.mm(weights, flat.view(terms, -1), out=out.view(count, -1))
         ctx.entry_major = entry_major
-        ctx.shape = (hm, s, terms, count)
-        if ctx.needs_input_grad[1]:
-            ctx.save_for_backward(coefficients, weights)
-        else:
-            ctx.save_for_backward(None, weights)
+        ctx.save_for_backward(coefficients, weights, flat if ctx.needs_input_grad[1] else None)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:
-        coefficients, weights = ctx.saved_tensors
+        coefficients, weights, flat = ctx.saved_tensors
         entry_major = ctx.entry_major
-        hm, s, terms, count = ctx.shape
-        if torch.is_grad_enabled():  # create_graph=True: differentiable plain ops
-            d_coef = d_weights = None
-            if ctx.needs_input_grad[0]:
-                d_coef = _series_product_plain_grad_coefficients(grad, weights, entry_major, s)
-            if ctx.needs_input_grad[1]:
-                with torch.enable_grad():
-                    ref = _series_product_plain(coefficients, weights, entry_major)
-                    (d_weights,) = torch.autograd.grad(ref, weights, grad, create_graph=True)
-            return d_coef, d_weights, None
-        fresh = _kernels._fresh
+        need_coef, need_weights = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph=True: recompute in differentiable plain ops
+            inputs = [t for t, need in ((coefficients, need_coef), (weights, need_weights)) if need]
+            with torch.enable_grad():
+                ref = _series_product_plain(coefficients, weights, entry_major)
+                grads = iter(torch.autograd.grad(ref, inputs, grad, create_graph=True))
+            return (
+                (next(grads) if need_coef else None),
+                (next(grads) if need_weights else None),
+                None,
+            )
+        hm, s, ts = coefficients.shape
+        terms, count = ts // s, weights.shape[0]
         g = grad.contiguous()
         d_coef = d_weights = None
-        if ctx.needs_input_grad[0]:
-            d_flat: Tensor
+        if need_coef:
+            fresh = _kernels._fresh
             if entry_major:  # d_flat (s*s*hm, T) = g (s*s*hm, N) @ W (N, T)
-                tmp = fresh(grad, s, s, hm, terms)
-                torch.mm(g.view(-1, count), weights, out=tmp.view(-1, terms))
-                d_flat = tmp.permute(2, 0, 3, 1)  # (hm, s, T, s)
+                d_flat = fresh(grad, s, s, hm, terms)
+                torch.mm(g.view(-1, count), weights, out=d_flat.view(-1, terms))
+                d_blocks = d_flat.permute(2, 0, 3, 1)  # (hm, s, T, s)
             else:  # d_flat (T, hm*s*s) = W^T (T, N) @ g (N, hm*s*s)
-                tmp = fresh(grad, terms, hm, s, s)
-                torch.mm(weights.mT, g.view(count, -1), out=tmp.view(terms, -1))
-                d_flat = tmp.permute(1, 2, 0, 3)  # (hm, s, T, s)
-            d_coef = fresh(grad, hm, s, terms * s)
-            d_coef.view(hm, s, terms, s).copy_(d_flat)
-        if ctx.needs_input_grad[1]:
-            d_weights = _series_product_weights_grad(g, coefficients, entry_major)
+                d_flat = fresh(grad, terms, hm, s, s)
+                torch.mm(weights.mT, g.view(count, -1), out=d_flat.view(terms, -1))
+                d_blocks = d_flat.permute(1, 2, 0, 3)  # (hm, s, T, s)
+            d_coef = fresh(grad, hm, s, ts)
+            d_coef.view(hm, s, terms, s).copy_(d_blocks)
+        if need_weights:  # positions that need gradients
+            if entry_major:  # d_W (N, T) = g^T (N, s*s*hm) @ flat (s*s*hm, T)
+                d_weights = g.view(-1, count).mT @ flat.view(-1, terms)
+            else:  # d_W (N, T) = g (N, hm*s*s) @ flat^T (hm*s*s, T)
+                d_weights = g.view(count, -1) @ flat.view(terms, -1).mT
         return d_coef, d_weights, None
-
-
-def _series_product_plain_grad_coefficients(
-    grad: Tensor, weights: Tensor, entry_major: bool, s: int
-) -> Tensor:
-    """The coefficients' gradient of ``_series_product_plain`` in differentiable ops."""
-    count, terms = weights.shape
-    if entry_major:  # grad (s, s, hm, N)
-        hm = grad.shape[2]
-        d_flat = torch.matmul(grad.reshape(-1, count), weights).view(s, s, hm, terms)
-        return d_flat.permute(2, 0, 3, 1).reshape(hm, s, terms * s)
-    hm = grad.shape[1]
-    d_flat = torch.matmul(weights.mT, grad.reshape(count, -1)).view(terms, hm, s, s)
-    return d_flat.permute(1, 2, 0, 3).reshape(hm, s, terms * s)
-
-
-def _series_product_weights_grad(grad: Tensor, coefficients: Tensor, entry_major: bool) -> Tensor:
-    """The weights' gradient of ``_series_product_plain`` (positions that need gradients)."""
-    hm, s, ts = coefficients.shape
-    terms = ts // s
-    blocks = coefficients.view(hm, s, terms, s)
-    if entry_major:  # grad (s, s, hm, N): d_W (N, T) = g^T @ flat
-        flat = blocks.permute(1, 3, 0, 2).reshape(-1, terms)
-        return torch.matmul(grad.reshape(-1, grad.shape[-1]).mT, flat)
-    flat = blocks.permute(2, 0, 1, 3).reshape(terms, -1)  # d_W = g (N, hm*s*s) @ flat^T
-    return torch.matmul(grad.reshape(grad.shape[0], -1), flat.mT)
 
 
 def _poly_weights(positions: Tensor, degree: int) -> Tensor:
@@ -973,7 +950,7 @@ class _RayProducts(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, base: Tensor, plan: _RayPlan) -> Tensor:
         h, _, m, s, _ = base.shape
-        out = base.new_empty(h, plan.n, m, s, s)
+        out = _kernels._fresh(base, h, plan.n, m, s, s)
         out.index_copy_(1, plan.base, base)
         ctx.kernel = _kernels.usable(base, size=s, sizes=_kernels.RAY_SIZES)
         if ctx.kernel:

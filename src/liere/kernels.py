@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import re
@@ -921,19 +922,15 @@ class _BufferPool:
         limit = _pool_limit()
         if limit == 0 or _use_count is None:
             return None
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        key = (dtype, nbytes)
+        nbytes = math.prod(shape) * dtype.itemsize
+        strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
         with self._lock:
             self._clock += 1
-            entries = self._entries.setdefault(key, [])
+            entries = self._entries.setdefault((dtype, nbytes), [])
             storage = None
             for entry in entries:
-                st = entry[0]
-                if st.nbytes() == nbytes and _use_count(st._cdata) == 1:
-                    storage, entry[1] = st, self._clock
+                if entry[0].nbytes() == nbytes and _use_count(entry[0]._cdata) == 1:
+                    storage, entry[1] = entry[0], self._clock
                     break
             if storage is None:
                 storage = torch.UntypedStorage(nbytes)
@@ -942,11 +939,7 @@ class _BufferPool:
                     entries.append([storage, self._clock, nbytes])
                     self._bytes += nbytes
                     self._evict(limit)
-            strides, step = [], 1
-            for d in reversed(shape):
-                strides.append(step)
-                step *= max(d, 1)
-            return torch.empty((), dtype=dtype).set_(storage, 0, shape, tuple(reversed(strides)))
+            return torch.empty((), dtype=dtype).set_(storage, 0, shape, strides)
 
     def _evict(self, limit: int) -> None:
         """Drop the least recently used entries until at most ``limit`` bytes are kept (an
@@ -1005,14 +998,13 @@ def _fresh(like: Tensor, *shape: int) -> Tensor:
     the buffer pool when on the CPU and large (Note [buffer pool]), advised for huge pages
     when newly allocated and large (Note [huge pages for fresh outputs])."""
     size = tuple(shape) if shape else tuple(like.shape)
-    if like.device.type == "cpu":
-        numel = 1
-        for d in size:
-            numel *= d
-        if _POOL_MIN <= numel * like.element_size() <= _POOL_MAX:
-            pooled = _pool.take(like.dtype, size)
-            if pooled is not None:
-                return pooled
+    if (
+        like.device.type == "cpu"
+        and _POOL_MIN <= math.prod(size) * like.element_size() <= _POOL_MAX
+    ):
+        pooled = _pool.take(like.dtype, size)
+        if pooled is not None:
+            return pooled
     out = torch.empty(size, dtype=like.dtype, device=like.device)
     if out.device.type == "cpu":
         _advise_huge(out.data_ptr(), out.numel() * out.element_size())
