@@ -51,7 +51,7 @@ def test_positions_on_another_device_raise():
         enc(q, q, grid_positions(2, 2))
 
 
-def test_cache_freeze_and_tables_follow_device_moves():
+def test_freeze_and_tables_follow_device_moves():
     torch.manual_seed(0)
     enc = LieRE(16, 2, block_size=8).eval()
     pos = grid_positions(3, 3)
@@ -60,7 +60,7 @@ def test_cache_freeze_and_tables_follow_device_moves():
         expected = enc(q, q, pos)[0]
         enc.freeze(pos)
         enc.cuda()
-        assert enc._frozen[1].is_cuda and enc._cache is None
+        assert enc.is_frozen and enc._frozen[1].is_cuda
         out = enc(q.cuda(), q.cuda(), pos.cuda())[0]
     torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=0)
     axial = AxialRoPE(16).cuda()

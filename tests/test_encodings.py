@@ -429,7 +429,11 @@ def test_forward_errors(encoding_name):
 @pytest.mark.parametrize("name", ["liere8", "liere2", "mixed"])
 def test_per_head_encoding_rejects_other_head_counts(name):
     enc = make(name, d=16, a=2, h=3)
-    with pytest.raises(ValueError, match="num_heads=3 .* q has 2 heads"):
+    with pytest.raises(
+        ValueError,
+        match=r"num_heads=3 .* q of shape \(1, 2, 4, 16\) has 2 heads in dim 1.*"
+        r"\(batch, tokens, heads, head_dim\), pass q.transpose\(1, 2\)",
+    ):
         enc(randn(1, 2, 4, 16), randn(1, 2, 4, 16), grid_positions(2, 2))
 
 

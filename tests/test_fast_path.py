@@ -1,5 +1,5 @@
-"""Fast LieRE: the fast exponential and application agree with the reference path; the
-eval cache and freeze() reuse rotations only while that is exact."""
+"""Fast LieRE: the fast exponential and application agree with the reference path; nothing is
+cached implicitly, and freeze() reuses rotations only for its own positions."""
 
 import pytest
 import torch
@@ -89,7 +89,7 @@ def test_pair_application_matches_single(rot_heads, per_sample):
         torch.testing.assert_close(k2, F.apply_blockwise(k_small, rot))
 
 
-# -- cache ---------------------------------------------------------------------------------
+# -- no implicit cache (Note [no implicit cache]) ------------------------------------------
 
 
 class Counter:
@@ -114,82 +114,77 @@ def enc():
     return LieRE(16, 2, num_heads=2, block_size=8).eval()
 
 
-def test_cache_reuses_rotations_for_repeated_positions(enc):
-    counter = Counter(enc)
-    pos = grid_positions(3, 3)
-    first = eval_call(enc, pos)
-    second = eval_call(enc, grid_positions(3, 3))  # a new tensor, equal values
-    assert counter.calls == 1 and torch.equal(first, second)
+def test_learned_positions_in_eval_get_their_own_gradients(enc):
+    """Two eval calls with positions that require grad: each backward runs, and each
+    gradient lands on its own positions tensor (an implicit cache reused the first graph)."""
+    enc.requires_grad_(False)  # a frozen model, learned positions upstream
+    q = randn(1, 2, 9, 16, seed=1)
+    grads = []
+    for scale in (1.0, 1.0, 2.0):
+        pos = (grid_positions(3, 3) * scale).requires_grad_()
+        q_out, k_out = enc(q, q, pos)
+        (q_out * k_out.flip(2)).sum().backward()
+        assert pos.grad is not None and pos.grad.abs().sum() > 0
+        grads.append(pos.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+    assert not torch.allclose(grads[0], grads[2])
 
 
-def test_cache_invalidated_by_parameter_update(enc):
-    counter = Counter(enc)
-    pos = grid_positions(3, 3)
-    before = eval_call(enc, pos)
-    opt = torch.optim.SGD(enc.parameters(), lr=0.1)
-    enc.weight.grad = torch.ones_like(enc.weight)
-    opt.step()
-    after = eval_call(enc, pos)
-    assert counter.calls == 2 and not torch.allclose(before, after)
-    with torch.no_grad():
-        enc.weight.mul_(0.5)
-    eval_call(enc, pos)
-    assert counter.calls == 3
-
-
-def test_cache_invalidated_by_new_positions(enc):
-    counter = Counter(enc)
-    eval_call(enc, grid_positions(3, 3))
-    eval_call(enc, grid_positions(3, 3) * 1.5)
-    eval_call(enc, grid_positions(3, 3, reference=4))
-    assert counter.calls == 3
-
-
-def test_cache_invalidated_by_dtype_and_device_moves(enc):
-    counter = Counter(enc)
+@pytest.mark.parametrize("update", ["mul", "copy"])
+def test_eval_outputs_follow_in_place_data_updates(enc, update):
+    """``.data.mul_()`` / ``.data.copy_()`` (older EMA code) bump no version counter: the next
+    eval call must still see the new weights."""
     pos = grid_positions(3, 3)
     eval_call(enc, pos)
-    enc.double()
-    out = eval_call(enc, pos.double(), q=randn(1, 2, 9, 16, dtype=torch.float64))
-    assert counter.calls == 2 and out.dtype == torch.float64
-    enc.to("cpu")  # any move drops the cache, including to the same device
-    assert enc._cache is None
+    if update == "mul":
+        enc.weight.data.mul_(0.5)
+    else:
+        enc.weight.data.copy_(torch.rand_like(enc.weight))
+    fresh = LieRE(16, 2, num_heads=2, block_size=8).eval()
+    fresh.load_state_dict(enc.state_dict())
+    assert torch.equal(eval_call(enc, pos), eval_call(fresh, pos))
 
 
-def test_cache_invalidated_by_compute_dtype(enc):
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda: LieRE(16, 2, num_heads=2, block_size=8),
+        lambda: MixedRoPE(16, 2, num_heads=2),
+        lambda: AxialRoPE(16, 2),
+    ],
+    ids=["liere8", "mixed", "axial"],
+)
+def test_pickle_and_save_carry_no_rotations(factory, tmp_path):
+    import copy
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    enc = factory().eval()
+    pos = grid_positions(14, 14)
+
+    def sizes():
+        buffer = io.BytesIO()
+        torch.save(enc, buffer)
+        return len(pickle.dumps(enc)), buffer.tell()
+
+    before = sizes()
+    eval_call(enc, pos)
+    assert sizes() == before
+    enc.freeze(pos)
+    assert sizes() == before
+    q = randn(2, enc.num_heads, 196, 16, seed=1)
+    for loaded in (pickle.loads(pickle.dumps(enc)), copy.deepcopy(enc)):
+        assert not loaded.is_frozen and enc.is_frozen
+        torch.testing.assert_close(loaded(q, q, pos)[0], enc(q, q, pos)[0], atol=0, rtol=0)
+
+
+def test_rotations_are_recomputed_on_every_eval_call(enc):
     counter = Counter(enc)
     pos = grid_positions(3, 3)
     eval_call(enc, pos)
-    eval_call(enc, pos, q=randn(1, 2, 9, 16, dtype=torch.float64))
+    eval_call(enc, pos)
     assert counter.calls == 2
-
-
-def test_cache_invalidated_by_load_state_dict_and_train(enc):
-    counter = Counter(enc)
-    pos = grid_positions(3, 3)
-    eval_call(enc, pos)
-    enc.load_state_dict({"weight": torch.zeros_like(enc.weight)})
-    assert torch.equal(eval_call(enc, pos), randn(2, 2, 9, 16, seed=1))  # identity now
-    enc.train().eval()
-    eval_call(enc, pos)
-    assert counter.calls == 3
-
-
-def test_no_cache_in_training_or_with_autograd(enc):
-    counter = Counter(enc)
-    pos = grid_positions(3, 3)
-    q = randn(1, 2, 9, 16)
-    enc(q, q, pos)
-    enc(q, q, pos)  # eval but grad enabled and parameters require grad
-    enc.train()
-    with torch.no_grad():
-        enc(q, q, pos)
-        enc(q, q, pos)
-    assert counter.calls == 4
-    enc.eval().cache_rotations = False
-    eval_call(enc, pos)
-    eval_call(enc, pos)
-    assert counter.calls == 6
 
 
 # -- freeze --------------------------------------------------------------------------------

@@ -136,7 +136,11 @@ class RotaryAttention(nn.Module):
         assert self.pos_enc is not None
         p = self.num_prefix_tokens
         n = q.shape[2] - p
-        if n < 0 or positions.shape[-2] != n:
+        if not isinstance(positions, Tensor):
+            raise TypeError(f"positions must be a Tensor; got {type(positions).__name__}.")
+        dims = positions.dim()
+        covered = -1 if dims == 0 else positions.shape[0] if dims == 1 else positions.shape[-2]
+        if n < 0 or covered != n:
             raise ValueError(
                 f"positions must cover the {q.shape[2]} tokens minus {p} prefix tokens = "
                 f"{n} tokens; got positions of shape {tuple(positions.shape)}."

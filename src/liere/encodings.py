@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any, Optional, Union
 
 import torch
@@ -102,11 +103,10 @@ class RotaryEncoding(nn.Module):
         self.head_dim = _check_positive_int(head_dim, "head_dim")
         self.num_axes = _check_positive_int(num_axes, "num_axes")
         self.num_heads = _check_positive_int(num_heads, "num_heads")
-        # Note [rotation cache]: in eval mode without autograd, the last rotations are reused
-        # while positions (by value), parameters (identity and version counter), device and
-        # dtype are unchanged; train(), .to()/.cuda()/.half() and load_state_dict() drop it.
-        self.cache_rotations = True
-        self._cache: Optional[tuple[tuple[Any, ...], Tensor, Rotation]] = None
+        # Note [no implicit cache]: rotations are recomputed on every call. An implicit cache
+        # cannot see ``param.data.mul_()`` or ``.data.copy_()`` (they bump no version counter),
+        # nor tell learned positions apart: ``freeze(positions)`` is the explicit snapshot, and
+        # it is never pickled, saved or copied with the module (``__getstate__``).
         self._frozen: Optional[tuple[Tensor, Rotation]] = None
         self._frozen_dtype = torch.float32
         # Note [input checks]: NaN/Inf positions raise (one reduction over the positions, a
@@ -127,8 +127,15 @@ class RotaryEncoding(nn.Module):
         tokens) pass through unrotated and ``positions`` cover the rest; cheaper than slicing
         and concatenating around the call.
         """
+        if k is None:
+            raise ValueError(
+                f"{type(self).__name__}.forward rotates a query-key pair, but k is None. To "
+                f"rotate one tensor (new keys for a KV cache, or queries alone), call "
+                f"encoding.rotate(x, positions)."
+            )
         q_out, k_out = self._encode(q, k, positions, num_prefix_tokens)
-        assert k_out is not None
+        if k_out is None:  # pragma: no cover - k was given
+            raise RuntimeError("internal error: k was dropped")
         return q_out, k_out
 
     def _encode(
@@ -146,6 +153,9 @@ class RotaryEncoding(nn.Module):
         chunk = self.max_tokens_per_chunk
         q_in = q.to(dtype)
         k_in = None if k is None else k.to(dtype)
+        if q.shape[0] == 0 or q.shape[2] == p:
+            # nothing to rotate (empty batch, no tokens, or prefix tokens only)
+            return q.clone(), None if k is None else k.clone()
         with _no_autocast(q.device.type):
             if (
                 chunk is not None
@@ -204,36 +214,12 @@ class RotaryEncoding(nn.Module):
         frozen = self._frozen
         return frozen is not None and self._matches_frozen(frozen[0], positions, dtype)
 
-    # -- caching and freezing ---------------------------------------------------------------
+    # -- freezing ---------------------------------------------------------------------------
     def _rotations_for(self, positions: Tensor, dtype: torch.dtype) -> Rotation:
         frozen = self._frozen
         if frozen is not None and self._matches_frozen(frozen[0], positions, dtype):
             return frozen[1]
-        use_cache = (
-            self.cache_rotations
-            and not self.training
-            and not F.is_tracing()
-            and not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
-        )
-        if not use_cache:
-            return self._rotations(positions.to(dtype))
-        key = self._cache_key(positions, dtype)
-        cached = self._cache
-        if (
-            cached is not None
-            and cached[0] == key
-            and torch.equal(cached[1], positions.to(cached[1].dtype))
-        ):
-            return cached[2]
-        rotation = self._rotations(positions.to(dtype))
-        self._cache = (key, positions.detach().clone(), rotation)
-        return rotation
-
-    def _cache_key(self, positions: Tensor, dtype: torch.dtype) -> tuple[Any, ...]:
-        params = tuple(
-            (id(p), p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters()
-        )
-        return (params, tuple(positions.shape), positions.dtype, positions.device, dtype)
+        return self._rotations(positions.to(dtype))
 
     def _matches_frozen(
         self, frozen_positions: Tensor, positions: Tensor, dtype: torch.dtype
@@ -253,16 +239,14 @@ class RotaryEncoding(nn.Module):
         exponential runs, and ``torch.export`` / ONNX export see constants (there is no ONNX
         operator for the matrix exponential). Calls with other positions compute as usual.
         The rotations are a snapshot: call ``freeze`` again after changing parameters, or
-        ``unfreeze()``. While tracing for export, positions are matched by shape only.
+        ``unfreeze()``. They are never pickled, saved with ``torch.save(module)`` or copied by
+        ``copy.deepcopy``: freeze again after loading. While tracing for export, positions are
+        matched by shape only.
 
         Shape:
             positions ``(n, a)``
         """
-        if positions.dim() != 2 or positions.shape[-1] != self.num_axes:
-            raise ValueError(
-                f"freeze takes shared positions of shape (tokens, {self.num_axes}); "
-                f"got {tuple(positions.shape)}."
-            )
+        positions = self._shared_positions(positions, "freeze")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"freeze computes in float32 or float64; got {dtype}.")
         positions = positions.detach().to(dtype)
@@ -279,16 +263,14 @@ class RotaryEncoding(nn.Module):
     def is_frozen(self) -> bool:
         return self._frozen is not None
 
-    def clear_cache(self) -> None:
-        """Drop the eval-mode rotation cache (Note [rotation cache])."""
-        self._cache = None
-
-    def train(self, mode: bool = True) -> RotaryEncoding:
-        self._cache = None
-        return super().train(mode)
+    def __getstate__(self) -> dict[str, Any]:
+        # Note [no implicit cache]: frozen rotations are derived data; a pickled, saved or
+        # deep-copied module carries its parameters only.
+        state = super().__getstate__()
+        state["_frozen"] = None
+        return state
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> RotaryEncoding:
-        self._cache = None
         out = super()._apply(fn, *args, **kwargs)
         frozen = self._frozen
         if frozen is not None:
@@ -303,17 +285,18 @@ class RotaryEncoding(nn.Module):
             self._frozen = (positions.to(device), moved)
         return out
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._cache = None
-        super()._load_from_state_dict(*args, **kwargs)
+    def rotate(self, x: Tensor, positions: Tensor, *, num_prefix_tokens: int = 0) -> Tensor:
+        """Rotate one tensor exactly as ``forward`` rotates q (and k).
 
-    def rotate(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Rotate a single tensor (e.g. keys of a cache) exactly as ``forward`` rotates q.
+        For KV-cache decoding: rotate each step's new keys at their own positions with
+        ``rotate`` and append them to the cache; cached keys are never rotated again (see
+        docs/decoding.md). Queries of the step are rotated the same way.
 
         Shape:
-            x ``(b, h, n, d)``, positions ``(n, a)`` or ``(b, n, a)`` -> ``(b, h, n, d)``
+            x ``(b, h, n, d)``, positions ``(n, a)``, ``(1 | b, n, a)`` or ``(n,)`` for one
+            axis -> ``(b, h, n, d)``
         """
-        return self._encode(x, None, positions)[0]
+        return self._encode(x, None, positions, num_prefix_tokens)[0]
 
     def rotation_matrices(self, positions: Tensor) -> Tensor:
         """The dense rotations ``R(p)`` this encoding applies, for inspection and tests.
@@ -323,11 +306,7 @@ class RotaryEncoding(nn.Module):
             (1 when shared by all heads).
         """
         d, h = self.head_dim, self.num_heads
-        if positions.dim() != 2:
-            raise ValueError(
-                f"rotation_matrices takes positions of shape (tokens, {self.num_axes}); "
-                f"got {tuple(positions.shape)}."
-            )
+        positions = self._shared_positions(positions, "rotation_matrices")
         n = positions.shape[0]
         dtype = positions.dtype if positions.dtype == torch.float64 else torch.float32
         # Column j of R is R e_j: rotate the identity's rows as a batch of d queries.
@@ -346,6 +325,7 @@ class RotaryEncoding(nn.Module):
         Shape:
             positions ``(n, a)`` or ``(b, n, a)``
         """
+        positions = self._canonical_positions(positions)
         if positions.numel() == 0:
             return 0.0
         return float(self._generator_norms(positions.detach().double().abs()).max())
@@ -368,6 +348,30 @@ class RotaryEncoding(nn.Module):
         return _with_prefix(q, q_rot, p), _with_prefix(k, k_rot, p)
 
     # -- validation -------------------------------------------------------------------------
+    def _canonical_positions(self, positions: Tensor) -> Tensor:
+        """``(n,)`` -> ``(n, 1)`` for one axis; ``(1, n, a)`` -> ``(n, a)`` (shared by the
+        batch, so the rotations are built once); anything else as it came."""
+        if not isinstance(positions, Tensor):
+            raise TypeError(
+                f"{type(self).__name__}: positions must be a Tensor of coordinates, e.g. "
+                f"liere.grid_positions(...); got {type(positions).__name__}."
+            )
+        if positions.dim() == 1 and self.num_axes == 1:
+            return positions.unsqueeze(-1)
+        if positions.dim() == 3 and positions.shape[0] == 1:
+            return positions[0]
+        return positions
+
+    def _shared_positions(self, positions: Tensor, where: str) -> Tensor:
+        positions = self._canonical_positions(positions)
+        if positions.dim() != 2 or positions.shape[-1] != self.num_axes:
+            one_axis = " or (tokens,)" if self.num_axes == 1 else ""
+            raise ValueError(
+                f"{where} takes shared positions of shape (tokens, {self.num_axes}){one_axis}; "
+                f"got {tuple(positions.shape)}."
+            )
+        return positions
+
     def _check_inputs(
         self, q: Tensor, k: Tensor, positions: Tensor, num_prefix_tokens: int = 0
     ) -> Tensor:
@@ -387,7 +391,10 @@ class RotaryEncoding(nn.Module):
             if self.num_heads > 1 and t.shape[1] != self.num_heads:
                 raise ValueError(
                     f"{name} was built with num_heads={self.num_heads} (one rotation per head); "
-                    f"{label} has {t.shape[1]} heads. Build it with num_heads={t.shape[1]}, or "
+                    f"{label} of shape {tuple(t.shape)} has {t.shape[1]} heads in dim 1. "
+                    f"{label} must be laid out (batch, heads, tokens, head_dim): if yours is "
+                    f"(batch, tokens, heads, head_dim), pass {label}.transpose(1, 2). "
+                    f"Otherwise build the encoding with num_heads={t.shape[1]}, or "
                     f"num_heads=1 to share one rotation across heads."
                 )
         if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
@@ -395,11 +402,7 @@ class RotaryEncoding(nn.Module):
                 f"{name}: q and k must agree in batch and tokens; got q {tuple(q.shape)} "
                 f"and k {tuple(k.shape)}."
             )
-        if not isinstance(positions, Tensor):
-            raise TypeError(
-                f"{name}: positions must be a Tensor of coordinates, e.g. "
-                f"liere.grid_positions(...); got {type(positions).__name__}."
-            )
+        positions = self._canonical_positions(positions)
         if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= q.shape[2]:
             raise ValueError(
                 f"{name}: num_prefix_tokens must be an integer in [0, {q.shape[2]}] (the tokens "
@@ -410,14 +413,34 @@ class RotaryEncoding(nn.Module):
         per_sample = positions.dim() == 3 and tuple(positions.shape) == (b, n, a)
         if not (shared or per_sample):
             tokens = f"tokens - num_prefix_tokens = {q.shape[2]} - {p}" if p else "tokens"
+            hint = ""
+            if positions.dim() >= 2 and positions.shape[-2] == q.shape[1] != n:
+                hint = (
+                    f" positions cover {q.shape[1]} tokens, the size of q's dim 1: is q laid "
+                    f"out (batch, tokens, heads, head_dim)? Pass q.transpose(1, 2) to get "
+                    f"(batch, heads, tokens, head_dim)."
+                )
             raise ValueError(
                 f"{name}: positions must have shape ({tokens}, num_axes) = ({n}, {a}) or "
-                f"(batch, {tokens}, num_axes) = ({b}, {n}, {a}) for q of shape "
-                f"{tuple(q.shape)}; got {tuple(positions.shape)}."
+                f"(batch, {tokens}, num_axes) = ({b}, {n}, {a}) (batch 1 broadcasts"
+                f"{'; (tokens,) is one axis' if a == 1 else ''}) for q of shape "
+                f"{tuple(q.shape)}; got {tuple(positions.shape)}.{hint}"
             )
         if positions.dtype == torch.bool or positions.is_complex():
             raise ValueError(
                 f"{name}: positions must be real coordinates; got dtype {positions.dtype}."
+            )
+        if positions.dtype in (torch.float16, torch.bfloat16) and not F.is_tracing():
+            warnings.warn(
+                f"{name}: positions are {positions.dtype}, which keeps only "
+                f"{torch.finfo(positions.dtype).nmant + 1} significant bits: each coordinate is "
+                f"off by up to {torch.finfo(positions.dtype).eps / 2:.1e} of its size, so each "
+                f"rotation angle by up to that fraction of ||A(p)|| "
+                f"(encoding.generator_norm(positions)). Rotations are computed in float32 "
+                f"anyway: pass float32 positions (grid_positions' default) and keep them out of "
+                f".half() and autocast.",
+                UserWarning,
+                stacklevel=4,
             )
         if positions.device != q.device:
             raise ValueError(
@@ -650,6 +673,12 @@ class LieRE(RotaryEncoding):
             (N(0, init_scale^2)) or ``"zeros"`` (start at the identity).
         init_scale: 2*pi by default (the paper's range).
 
+    Attributes:
+        exp_method: ``"auto"`` (the fast path) or ``"matrix_exp"`` (the reference path).
+        reorthogonalize_above: float32 blocks whose generator norm bound exceeds this get one
+            Newton-Schulz step (default 1024, about 4x the training range of dense blocks at
+            the paper's init; ``None`` turns it off). See Note [re-orthogonalisation].
+
     Parameters:
         weight: ``(num_heads, num_axes, head_dim // block_size, s * (s - 1) // 2)``, the
         strictly upper-triangular entries of every block, row-major.
@@ -684,6 +713,9 @@ class LieRE(RotaryEncoding):
         self.num_blocks = head_dim // block_size
         # "auto" (fast path) or "matrix_exp" (torch.linalg.matrix_exp, the reference path)
         self.exp_method = "auto"
+        # Note [re-orthogonalisation] in liere.functional: float32 blocks whose generator-norm
+        # bound exceeds this (far past the training range) get one Newton-Schulz step; None: off
+        self.reorthogonalize_above: Optional[float] = F.REORTHOGONALIZE_ABOVE
         self.init = init
         self.init_scale = float(init_scale)
         entries = block_size * (block_size - 1) // 2
@@ -734,7 +766,12 @@ class LieRE(RotaryEncoding):
             angles = F.rope_angles(positions, -weight[..., 0])
             return torch.cos(angles), torch.sin(angles)
         bases = F.skew_symmetric(weight, self.block_size)
-        return F.lie_rotations(positions, bases, method=self.exp_method)
+        return F.lie_rotations(
+            positions,
+            bases,
+            method=self.exp_method,
+            reorthogonalize_above=self.reorthogonalize_above,
+        )
 
     def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:
         if isinstance(rotation, tuple):

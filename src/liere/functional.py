@@ -26,6 +26,7 @@ __all__ = [
     "expm_skew_reference",
     "lie_rotations",
     "squarings_for",
+    "reorthogonalize",
     "apply_blockwise",
     "apply_blockwise_pair",
     "rope_angles",
@@ -335,23 +336,29 @@ def _layout(entry_major: bool) -> tuple[Any, Any, Any]:
 
 def _taylor_autograd(x: Tensor, squarings: int) -> Tensor:
     """The series of ``_TaylorSeries`` and ``squarings`` squarings in plain autograd ops
-    (batch-major); used for double backward.
+    (batch-major; differentiable to any order): double backward, and the few-token path
+    (Note [few tokens]), where the fewest launched ops win.
 
     Shape:
         ``(N, s, s)`` -> ``(N, s, s)``
     """
     k, chunks, _ = _TAYLOR[x.dtype]
-    powers = [x]
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device).expand_as(x)
+    powers = [eye, x]
     for _ in range(k - 1):
         powers.append(torch.bmm(powers[-1], x))
-    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-    result: Optional[Tensor] = None
-    for c in reversed(range(chunks)):
-        block = eye / math.factorial(c * k) + sum(
-            powers[i - 1] / math.factorial(c * k + i) for i in range(1, k)
-        )
-        result = block if result is None else torch.baddbmm(block, result, powers[-1])
-    assert result is not None
+    top = powers.pop()  # X^k
+    stacked = torch.stack(powers)  # (k, N, s, s): I, X, .., X^(k-1)
+    # Paterson-Stockmeyer chunk c is sum_i X^i / (c k + i)!, as one broadcast product and sum
+    coef = torch.tensor(
+        [[1.0 / math.factorial(c * k + i) for i in range(k)] for c in range(chunks)],
+        dtype=x.dtype,
+        device=x.device,
+    )
+    blocks = (coef.view(chunks, k, 1, 1, 1) * stacked).sum(dim=1)  # (chunks, N, s, s)
+    result = blocks[-1]
+    for c in reversed(range(chunks - 1)):
+        result = torch.baddbmm(blocks[c], result, top)
     for _ in range(squarings):
         result = torch.bmm(result, result)
     return result
@@ -387,6 +394,35 @@ def _exp_by_squaring(x: Tensor, squarings: int, entry_major: bool) -> Tensor:
 # and keeps growing, so a RuntimeWarning says so; float64 inputs are accurate to about
 # 1e-16 * ||G||.
 LARGE_NORM = {torch.float32: 2.0**14, torch.float64: 2.0**40}
+
+# Note [re-orthogonalisation]: past the training range, one Newton-Schulz step
+# R <- R - R (R^T R - I) / 2, in float64, on the float32 rotations of the blocks whose
+# generator-norm bound exceeds REORTHOGONALIZE_ABOVE, brings them back to float32 roundoff
+# (the step squares the error). Vector norms drift by about 6e-8 * ||G|| before it
+# (benchmarks/extrapolation.py), so the 2^10 threshold keeps every block within about 6e-5.
+# Blocks below it (every block of the 14x14 training grid at the paper's init: ||G|| = 40 for
+# 8x8 blocks, 262 dense) cost nothing: the bound is already on the host.
+REORTHOGONALIZE_ABOVE = 1024.0
+
+
+def reorthogonalize(rotations: Tensor, bound: Tensor, threshold: Optional[float]) -> Tensor:
+    """One Newton-Schulz step, in float64, on the blocks whose ``bound`` exceeds
+    ``threshold`` (Note [re-orthogonalisation]); the rest pass through untouched. ``None`` or
+    float64 rotations: unchanged.
+
+    Shape:
+        rotations ``(..., s, s)``; bound ``(...)`` -> ``(..., s, s)``
+    """
+    if threshold is None or rotations.dtype != torch.float32 or bound.numel() == 0:
+        return rotations
+    mask = bound > threshold
+    if not bool(mask.any()):
+        return rotations
+    index = mask.nonzero(as_tuple=True)
+    r = rotations[index].double()
+    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
+    fixed = r - 0.5 * torch.matmul(r, torch.matmul(r.mT, r) - eye)
+    return rotations.index_put(index, fixed.to(rotations.dtype))
 
 
 def _warn_if_inaccurate(norm: float, dtype: torch.dtype) -> None:
@@ -1031,7 +1067,24 @@ def _ray_products_plain(base: Tensor, plan: _RayPlan) -> Tensor:
     return out
 
 
-def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> Tensor:
+# Note [few tokens]
+# ~~~~~~~~~~~~~~~~
+# Decoding rotates one token (or a handful) per step. There the fast path's fixed costs (exact
+# spectral norms of every basis block, the position-polynomial coefficients, kernel set-up)
+# dwarf the exponential itself, so up to FEW_TOKENS token rows (tokens times samples) the
+# generators are built directly, bounded by their 1-norms (>= the 2-norm, and cheap for this
+# few) and exponentiated by the same scaling-and-squaring Taylor series in a handful of plain
+# autograd ops (``_taylor_autograd``). Measured with benchmarks/bench_decode.py (docs/decoding.md).
+FEW_TOKENS = 8
+
+
+def lie_rotations(
+    positions: Tensor,
+    bases: Tensor,
+    *,
+    method: str = "auto",
+    reorthogonalize_above: Optional[float] = REORTHOGONALIZE_ABOVE,
+) -> Tensor:
     """``R[.., h, n, m] = exp(sum_a p[.., n, a] B[h, a, m])`` for every token and block.
 
     The fast path never materialises an unscaled generator: the number of squarings comes
@@ -1044,17 +1097,57 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
     that are integer multiples of other tokens (most grids) are products of two rotations
     along their ray instead (Note [products along rays]). The squarings and products run in
     the compiled kernels when they are built (Note [compiled kernels] in ``liere.kernels``),
-    else in PyTorch ops. ``method`` as in ``expm_skew``.
+    else in PyTorch ops. At most ``FEW_TOKENS`` token rows (decoding) take a lean direct path
+    (Note [few tokens]). Float32 blocks whose norm bound exceeds ``reorthogonalize_above`` get
+    one Newton-Schulz step (Note [re-orthogonalisation]; ``None`` turns it off). ``method`` as
+    in ``expm_skew``.
 
     Shape:
         positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)`` (skew-symmetric)
         -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``
     """
     size = bases.shape[-1]
+    rows = math.prod(positions.shape[:-1])
+    if rows == 0:  # no tokens, or an empty batch: nothing to exponentiate
+        return expm_skew_reference(block_generators(positions, bases))
     if method != "auto" or size <= 2 or is_tracing():
         return expm_skew(block_generators(positions, bases), method=method)
     if bases.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"lie_rotations computes in float32 or float64; got {bases.dtype}.")
+    if rows <= FEW_TOKENS:
+        rot, bound = _few_token_rotations(positions, bases)
+        return reorthogonalize(rot, bound, reorthogonalize_above)
+    rot, bound = _fast_rotations(positions, bases)
+    return reorthogonalize(rot, bound, reorthogonalize_above)
+
+
+def _few_token_rotations(positions: Tensor, bases: Tensor) -> tuple[Tensor, Tensor]:
+    """Note [few tokens]: the rotations and the per-block norm bound (their generators'
+    1-norms).
+
+    Shape:
+        positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)``
+        -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``, and the bound without ``(s, s)``
+    """
+    gen = block_generators(positions, bases)
+    size = gen.shape[-1]
+    flat = gen.reshape(-1, size, size)
+    with torch.no_grad():
+        bound = flat.abs().sum(dim=-2).amax(dim=-1)  # ||G||_1 >= ||G||_2
+    norm = float(bound.max())
+    squarings = squarings_for(norm, flat.dtype)  # raises on NaN/Inf
+    _warn_if_inaccurate(norm, flat.dtype)
+    rot = _taylor_autograd(flat * 2.0**-squarings if squarings else flat, squarings)
+    return rot.view(gen.shape), bound.view(gen.shape[:-2])
+
+
+def _fast_rotations(positions: Tensor, bases: Tensor) -> tuple[Tensor, Tensor]:
+    """``lie_rotations``' fast path for many tokens, and the per-block norm bound.
+
+    Shape:
+        positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)``
+        -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``, and ``(.., h, n, m)``
+    """
     with torch.no_grad():
         if not bool(torch.isfinite(bases).all()):
             squarings_for(math.nan)  # raises: NaN/Inf parameters
@@ -1074,10 +1167,10 @@ def lie_rotations(positions: Tensor, bases: Tensor, *, method: str = "auto") -> 
             base = plan.base
             rotations, done = _direct_rotations(positions[base], bases, sigma, bound[:, base], plan)
             if done:
-                return rotations
+                return rotations, bound
             split: Tensor = _RayProducts.apply(rotations, plan)
-            return split
-    return _direct_rotations(positions, bases, sigma, bound)[0]
+            return split, bound
+    return _direct_rotations(positions, bases, sigma, bound)[0], bound
 
 
 def _direct_rotations(
