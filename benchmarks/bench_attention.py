@@ -7,6 +7,10 @@ leaves behind hit all cases alike.
 
     python benchmarks/bench_attention.py --threads 2 --batch 8 32
 
+Modes: ``train`` (forward + backward), ``eval`` (forward under ``no_grad``), ``eval-frozen``
+(forward under ``no_grad`` with the rotations precomputed by ``encoding.freeze(positions)``,
+the explicit way to reuse them; nothing is cached implicitly).
+
 Memory: ``saved MB`` is what autograd keeps for the backward pass (tensors saved by the
 forward, counted once per storage), ``peak MB`` the CUDA allocator's peak when on a GPU.
 
@@ -168,8 +172,9 @@ def main() -> None:
     parser.add_argument(
         "--modes",
         nargs="+",
-        default=["train", "eval", "eval-cached"],
-        choices=["train", "eval", "eval-cached"],
+        default=["train", "eval", "eval-frozen"],
+        choices=["train", "eval", "eval-frozen"],
+        help="eval-frozen: rotations precomputed once with encoding.freeze(positions)",
     )
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median)")
     parser.add_argument("--grid", type=int, default=14, help="patches per side")
@@ -211,8 +216,8 @@ def main() -> None:
                         return None
                 else:
                     layer.eval()
-                    if layer.pos_enc is not None:
-                        layer.pos_enc.cache_rotations = mode == "eval-cached"
+                    if layer.pos_enc is not None and mode == "eval-frozen":
+                        layer.pos_enc.freeze(positions)
 
                     def run(layer: RotaryAttention = layer, x: torch.Tensor = x) -> object:
                         with torch.no_grad():
@@ -246,7 +251,7 @@ def main() -> None:
                     saved = saved_bytes(lambda layer=layer, x=x: layer(x, positions)) / 2**20
                 floor = (
                     None
-                    if mode == "eval-cached"
+                    if mode == "eval-frozen"
                     else floor_ms(layer, positions, batch, mode == "train")
                 )
                 floor_text = "" if floor is None else f"{(plain + floor / 1e3) / base:.2f}"

@@ -70,10 +70,12 @@ def skew_symmetric(params: Tensor, size: int) -> Tensor:
             f"params must end in size*(size-1)/2 = {expected} entries for size {size}; "
             f"got shape {tuple(params.shape)}."
         )
-    rows, cols = torch.triu_indices(size, size, offset=1, device=params.device)
-    upper = params.new_zeros(*params.shape[:-1], size, size)
-    upper[..., rows, cols] = params
-    return upper - upper.mT
+    rows_cols = torch.triu_indices(size, size, offset=1, device=params.device)
+    flat_index = torch.addcmul(rows_cols[1], rows_cols[0], torch.tensor(size))  # row * s + col
+    upper = params.new_zeros(*params.shape[:-1], size * size)
+    upper.index_copy_(-1, flat_index, params)  # one copy into the flat upper triangle
+    square = upper.unflatten(-1, (size, size))
+    return square - square.mT
 
 
 def block_generators(positions: Tensor, bases: Tensor) -> Tensor:
@@ -343,25 +345,29 @@ def _taylor_autograd(x: Tensor, squarings: int) -> Tensor:
         ``(N, s, s)`` -> ``(N, s, s)``
     """
     k, chunks, _ = _TAYLOR[x.dtype]
-    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device).expand_as(x)
-    powers = [eye, x]
+    powers = [x]
     for _ in range(k - 1):
         powers.append(torch.bmm(powers[-1], x))
     top = powers.pop()  # X^k
-    stacked = torch.stack(powers)  # (k, N, s, s): I, X, .., X^(k-1)
-    # Paterson-Stockmeyer chunk c is sum_i X^i / (c k + i)!, as one broadcast product and sum
-    coef = torch.tensor(
-        [[1.0 / math.factorial(c * k + i) for i in range(k)] for c in range(chunks)],
-        dtype=x.dtype,
-        device=x.device,
-    )
-    blocks = (coef.view(chunks, k, 1, 1, 1) * stacked).sum(dim=1)  # (chunks, N, s, s)
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device).expand_as(x)
+    # Paterson-Stockmeyer chunk c: sum_{i<k} X^i / (c k + i)!, all chunks in one contraction
+    table = _PS_TABLES[x.dtype].to(x.device)  # (chunks, k)
+    blocks = torch.tensordot(table, torch.stack([eye, *powers]), dims=1)  # (chunks, N, s, s)
     result = blocks[-1]
     for c in reversed(range(chunks - 1)):
         result = torch.baddbmm(blocks[c], result, top)
     for _ in range(squarings):
         result = torch.bmm(result, result)
     return result
+
+
+# Paterson-Stockmeyer weights 1 / (c k + i)!: (chunks, k) per dtype (constants)
+_PS_TABLES = {
+    dtype: torch.tensor(
+        [[1.0 / math.factorial(c * k + i) for i in range(k)] for c in range(chunks)], dtype=dtype
+    )
+    for dtype, (k, chunks, _) in _TAYLOR.items()
+}
 
 
 def _taylor_expm_squared(x: Tensor, squarings: int) -> Tensor:
@@ -405,15 +411,20 @@ LARGE_NORM = {torch.float32: 2.0**14, torch.float64: 2.0**40}
 REORTHOGONALIZE_ABOVE = 1024.0
 
 
-def reorthogonalize(rotations: Tensor, bound: Tensor, threshold: Optional[float]) -> Tensor:
+def reorthogonalize(
+    rotations: Tensor, bound: Tensor, threshold: Optional[float], norm: Optional[float] = None
+) -> Tensor:
     """One Newton-Schulz step, in float64, on the blocks whose ``bound`` exceeds
     ``threshold`` (Note [re-orthogonalisation]); the rest pass through untouched. ``None`` or
-    float64 rotations: unchanged.
+    float64 rotations: unchanged. ``norm``: ``bound``'s maximum when the caller has it on the
+    host already (saves a device-to-host read).
 
     Shape:
         rotations ``(..., s, s)``; bound ``(...)`` -> ``(..., s, s)``
     """
     if threshold is None or rotations.dtype != torch.float32 or bound.numel() == 0:
+        return rotations
+    if norm is not None and norm <= threshold:
         return rotations
     mask = bound > threshold
     if not bool(mask.any()):
@@ -1115,15 +1126,19 @@ def lie_rotations(
     if bases.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"lie_rotations computes in float32 or float64; got {bases.dtype}.")
     if rows <= FEW_TOKENS:
-        rot, bound = _few_token_rotations(positions, bases)
-        return reorthogonalize(rot, bound, reorthogonalize_above)
-    rot, bound = _fast_rotations(positions, bases)
-    return reorthogonalize(rot, bound, reorthogonalize_above)
+        rot, few_bound, norm = _few_token_rotations(positions, bases, reorthogonalize_above)
+        if few_bound is None:
+            return rot
+        return reorthogonalize(rot, few_bound, reorthogonalize_above, norm)
+    rot, bound, norm = _fast_rotations(positions, bases)
+    return reorthogonalize(rot, bound, reorthogonalize_above, norm)
 
 
-def _few_token_rotations(positions: Tensor, bases: Tensor) -> tuple[Tensor, Tensor]:
-    """Note [few tokens]: the rotations and the per-block norm bound (their generators'
-    1-norms).
+def _few_token_rotations(
+    positions: Tensor, bases: Tensor, threshold: Optional[float]
+) -> tuple[Tensor, Optional[Tensor], float]:
+    """Note [few tokens]: the rotations, the largest generator 1-norm (>= its 2-norm), and the
+    per-block 1-norms when that exceeds ``threshold`` (else None: nothing to re-orthogonalise).
 
     Shape:
         positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)``
@@ -1133,16 +1148,18 @@ def _few_token_rotations(positions: Tensor, bases: Tensor) -> tuple[Tensor, Tens
     size = gen.shape[-1]
     flat = gen.reshape(-1, size, size)
     with torch.no_grad():
-        bound = flat.abs().sum(dim=-2).amax(dim=-1)  # ||G||_1 >= ||G||_2
-    norm = float(bound.max())
+        columns = flat.abs().sum(dim=-2)  # (N, s): ||G||_1 is the largest column sum
+        norm = float(columns.max())
+        over = threshold is not None and norm > threshold
+        bound = columns.amax(dim=-1).view(gen.shape[:-2]) if over else None
     squarings = squarings_for(norm, flat.dtype)  # raises on NaN/Inf
     _warn_if_inaccurate(norm, flat.dtype)
     rot = _taylor_autograd(flat * 2.0**-squarings if squarings else flat, squarings)
-    return rot.view(gen.shape), bound.view(gen.shape[:-2])
+    return rot.view(gen.shape), bound, norm
 
 
-def _fast_rotations(positions: Tensor, bases: Tensor) -> tuple[Tensor, Tensor]:
-    """``lie_rotations``' fast path for many tokens, and the per-block norm bound.
+def _fast_rotations(positions: Tensor, bases: Tensor) -> tuple[Tensor, Tensor, float]:
+    """``lie_rotations``' fast path for many tokens, the per-block norm bound and its maximum.
 
     Shape:
         positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)``
@@ -1167,10 +1184,10 @@ def _fast_rotations(positions: Tensor, bases: Tensor) -> tuple[Tensor, Tensor]:
             base = plan.base
             rotations, done = _direct_rotations(positions[base], bases, sigma, bound[:, base], plan)
             if done:
-                return rotations, bound
+                return rotations, bound, norm
             split: Tensor = _RayProducts.apply(rotations, plan)
-            return split, bound
-    return _direct_rotations(positions, bases, sigma, bound)[0], bound
+            return split, bound, norm
+    return _direct_rotations(positions, bases, sigma, bound)[0], bound, norm
 
 
 def _direct_rotations(
@@ -1332,6 +1349,11 @@ def apply_blockwise_pair(
     """
     p = num_prefix_tokens
     fast = rotations.dim() == 5 and q.shape == k.shape and q.dtype == k.dtype == rotations.dtype
+    if fast and p == 0 and rotations.shape[1] <= FEW_TOKENS:
+        # Note [few tokens]: one einsum over q and k side by side beats the gather/scatter
+        b = q.shape[0]
+        both = apply_blockwise(torch.cat((q, k)), rotations)
+        return both[:b], both[b:]
     if fast and not is_tracing():
         if q.shape[1] % rotations.shape[0] == 0 and q.shape[2] - p == rotations.shape[1]:
             out: tuple[Tensor, Tensor] = _BlockwisePair.apply(q, k, rotations, p)
