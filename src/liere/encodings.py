@@ -394,8 +394,8 @@ class RotaryEncoding(nn.Module):
                     f"{label} of shape {tuple(t.shape)} has {t.shape[1]} heads in dim 1. "
                     f"{label} must be laid out (batch, heads, tokens, head_dim): if yours is "
                     f"(batch, tokens, heads, head_dim), pass {label}.transpose(1, 2). "
-                    f"Otherwise build the encoding with num_heads={t.shape[1]}, or "
-                    f"num_heads=1 to share one rotation across heads."
+                    f"Otherwise build the encoding with num_heads={t.shape[1]}"
+                    f"{'' if t.shape[1] == 1 else ', or num_heads=1 to share one rotation'}."
                 )
         if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
             raise ValueError(

@@ -6,26 +6,36 @@ tolerance it was held to.
 
 Default orthogonality tolerance (``orthogonality_tolerance``)::
 
-    atol = 10 * d * eps(dtype) * max(1, ||A(p)||_2)
+    atol = 10 * d * eps(dtype) + 2 * liere.functional.rotation_error_bound(||A(p)||_2, dtype)
+         = 10 * d * eps(dtype) + 4 * eps(dtype) * ||A(p)||_2
 
 ``d`` is head_dim, ``eps`` the machine epsilon of the dtype the rotation is computed in
 (float32 for half inputs), and ``||A(p)||_2`` the largest generator norm over the positions
-(``RotaryEncoding.generator_norm``; 1 for modules without one). The norm factor is needed:
-the scaling-and-squaring exponential's error grows with it.
+(``RotaryEncoding.generator_norm``; 1 for modules without one). The first term is the rounding
+of the products over ``d`` channels; the second is twice the library's own extrapolation bound
+(the scaling-and-squaring exponential's error grows with the norm), so the tolerance at large
+positions is the figure the library itself warns about, not a multiple of ``d`` of it.
+
+Every assertion fails on NaN or Inf anywhere in what it measures. Positions may be shared
+``(n, a)`` or per sample ``(b, n, a)``.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
+
+from ..functional import rotation_error_bound
 
 __all__ = [
     "orthogonality_tolerance",
     "orthogonality_error",
     "assert_orthogonal",
     "relative_position_error",
+    "relative_tolerance",
     "assert_relative",
     "axis_sensitivity",
     "assert_uses_all_axes",
@@ -40,6 +50,17 @@ def _attr(encoding: Any, name: str, default: Any) -> Any:
 
 def _compute_eps(dtype: torch.dtype) -> float:
     return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def _check_finite(what: str, *tensors: Tensor) -> None:
+    for t in tensors:
+        if not bool(torch.isfinite(t).all()):
+            raise AssertionError(f"{what} contains NaN or Inf.")
+
+
+def _generator_norm(encoding: Any, positions: Tensor) -> float:
+    norm_fn = _attr(encoding, "generator_norm", None)
+    return float(norm_fn(positions)) if callable(norm_fn) else 1.0
 
 
 def _random_qk(
@@ -57,40 +78,64 @@ def _random_qk(
     return q.to(device=positions.device, dtype=dtype), k.to(device=positions.device, dtype=dtype)
 
 
+def _check_positions(positions: Any, where: str) -> Tensor:
+    if not isinstance(positions, Tensor) or positions.dim() not in (2, 3):
+        shape = tuple(positions.shape) if isinstance(positions, Tensor) else type(positions)
+        raise ValueError(
+            f"{where} takes positions of shape (tokens, axes) or (batch, tokens, axes); "
+            f"got {shape}."
+        )
+    return positions
+
+
 def orthogonality_tolerance(encoding: Any, positions: Tensor, dtype: torch.dtype) -> float:
-    """``10 * d * eps(dtype) * max(1, ||A(p)||_2)``: see the module docstring."""
+    """``10 * d * eps(dtype) + 2 * rotation_error_bound(||A(p)||_2, dtype)``: see the module
+    docstring."""
     d = _attr(encoding, "head_dim", 1)
-    norm_fn = _attr(encoding, "generator_norm", None)
-    norm = float(norm_fn(positions)) if callable(norm_fn) else 1.0
-    return 10.0 * d * _compute_eps(dtype) * max(1.0, norm)
+    norm = _generator_norm(encoding, positions)
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    return 10.0 * d * _compute_eps(dtype) + 2.0 * rotation_error_bound(max(1.0, norm), compute)
 
 
 def orthogonality_error(
     encoding: Any, positions: Tensor, *, dtype: torch.dtype = torch.float32, seed: int = 0
 ) -> float:
-    """Largest change of an inner product ``<x_i, x_j>`` between vectors at the same token and
-    head, relative to ``|x_i| |x_j|``, over ``head_dim + 1`` random vectors (enough to span the
-    space, so this is 0 exactly when every ``R(p)`` is orthogonal on all of it).
+    """Largest change of an inner product ``<x_i, x_j>`` between vectors at the same token,
+    head (and sample), relative to ``|x_i| |x_j|``, over ``head_dim + 1`` random vectors
+    (enough to span the space, so this is 0 exactly when every ``R(p)`` is orthogonal on all
+    of it). NaN when the encoding returns NaN.
+
+    Per-sample positions ``(b, n, a)`` are repeated ``head_dim + 1`` times along the batch, so
+    every sample's rotations meet ``head_dim + 1`` vectors through the per-sample path.
 
     Shape:
-        positions ``(n, a)``
+        positions ``(n, a)`` or ``(b, n, a)``
     """
+    positions = _check_positions(positions, "orthogonality_error")
     d = _attr(encoding, "head_dim", None)
     if d is None:
         raise ValueError("encoding has no head_dim attribute.")
-    q, k = _random_qk(encoding, positions, d + 1, dtype, seed)
+    vectors = d + 1
+    per_sample = positions.dim() == 3
+    samples = positions.shape[0] if per_sample else 1
+    if per_sample:  # sample-major: rows [i * vectors, (i + 1) * vectors) belong to sample i
+        positions = positions.repeat_interleave(vectors, dim=0)
+    q, k = _random_qk(encoding, positions, vectors, dtype, seed)
     with torch.no_grad():
         q_out, k_out = encoding(q, k, positions)
-    worst = 0.0
+    worst = torch.zeros((), dtype=torch.float64)
     for before, after in ((q, q_out), (k, k_out)):
-        before, after = before.double(), after.double()
-        # Gram matrices over the batch at every (head, token): (h, n, b, b)
-        gram_in = torch.einsum("bhnd,chnd->hnbc", before, before)
-        gram_out = torch.einsum("bhnd,chnd->hnbc", after, after)
-        norms = before.norm(dim=-1).permute(1, 2, 0)  # h n b
+        # (samples, vectors, h, n, d) -> Gram matrices over the vectors at every
+        # (sample, head, token): (samples, h, n, vectors, vectors)
+        before = before.double().unflatten(0, (samples, vectors))
+        after = after.double().unflatten(0, (samples, vectors))
+        gram_in = torch.einsum("sbhnd,schnd->shnbc", before, before)
+        gram_out = torch.einsum("sbhnd,schnd->shnbc", after, after)
+        norms = before.norm(dim=-1).permute(0, 2, 3, 1)  # s h n b
         scale = norms.unsqueeze(-1) * norms.unsqueeze(-2)
-        worst = max(worst, float(((gram_out - gram_in).abs() / scale).max()))
-    return worst
+        # torch.maximum and amax propagate NaN (Python's max would drop it)
+        worst = torch.maximum(worst, ((gram_out - gram_in).abs() / scale).amax().cpu())
+    return float(worst)
 
 
 def assert_orthogonal(
@@ -104,12 +149,14 @@ def assert_orthogonal(
     """Assert that ``encoding`` rotates q and k orthogonally at every position.
 
     Random vectors (seeded) keep their norms and mutual inner products within ``atol``
-    (relative to their norms); the default is ``orthogonality_tolerance``.
+    (relative to their norms); the default is ``orthogonality_tolerance``. Fails on NaN/Inf.
 
     Shape:
-        positions ``(n, a)``
+        positions ``(n, a)`` or ``(b, n, a)``
     """
     error = orthogonality_error(encoding, positions, dtype=dtype, seed=seed)
+    if not math.isfinite(error):
+        raise AssertionError("rotations are not orthogonal: the encoding returned NaN or Inf.")
     tol = orthogonality_tolerance(encoding, positions, dtype) if atol is None else atol
     if not error <= tol:
         raise AssertionError(
@@ -121,6 +168,7 @@ def assert_orthogonal(
 def _scores(encoding: Any, q: Tensor, k: Tensor, positions: Tensor) -> Tensor:
     with torch.no_grad():
         q_out, k_out = encoding(q, k, positions)
+    _check_finite("the encoding's output", q_out, k_out)
     return torch.einsum("bhid,bhjd->bhij", q_out.double(), k_out.double())
 
 
@@ -136,16 +184,52 @@ def relative_position_error(
 
     Returns ``max |S(p + shift) - S(p)| / max |S(p)|`` for seeded random q, k. It is zero (up to
     rounding) for encodings whose scores depend on ``p_j - p_i`` only: RoPE, block-2 LieRE,
-    any 1-axis LieRE; dense 2D LieRE gives a clearly positive figure.
+    any 1-axis LieRE; dense 2D LieRE gives a clearly positive figure. NaN/Inf raise
+    ``AssertionError``.
 
     Shape:
-        positions ``(n, a)``; shift ``(a,)`` (or anything that broadcasts to it)
+        positions ``(n, a)`` or ``(b, n, a)``; shift ``(a,)`` (or anything that broadcasts to it)
     """
+    positions = _check_positions(positions, "relative_position_error")
     q, k = _random_qk(encoding, positions, 2, dtype, seed)
     shift_t = torch.as_tensor(shift, dtype=positions.dtype, device=positions.device)
     before = _scores(encoding, q, k, positions)
     after = _scores(encoding, q, k, positions + shift_t)
     return float((after - before).abs().max() / before.abs().max())
+
+
+def relative_tolerance(
+    encoding: Any,
+    positions: Tensor,
+    shift: Any,
+    *,
+    dtype: torch.dtype = torch.float64,
+    seed: int = 0,
+) -> float:
+    """Default tolerance of ``assert_relative`` for one shift, from the dtypes of positions
+    and scores:
+
+    - rounding of the rotations: ``100 * eps(dtype) * max(1, ||A||_2)`` at the larger of the
+      generator norms before and after the shift;
+    - rounding of the shifted positions themselves: ``p + shift`` in the positions' dtype
+      moves each coordinate by ``delta`` (computed exactly, in float64), which turns a token's
+      vector by at most ``||A(delta)||_2`` (``generator_norm`` of ``delta``), so a score by at
+      most ``2 ||A(delta)|| |q| |k|``; relative to the largest score of the same seeded q and k,
+      times 2.
+    """
+    positions = _check_positions(positions, "relative_tolerance")
+    shift_t = torch.as_tensor(shift, dtype=positions.dtype, device=positions.device)
+    moved = positions + shift_t
+    norm = max(_generator_norm(encoding, moved), _generator_norm(encoding, positions))
+    rounding = 100.0 * _compute_eps(dtype) * max(1.0, norm)
+    delta = moved.double() - (positions.double() + shift_t.double())
+    if not bool(delta.any()):
+        return rounding
+    q, k = _random_qk(encoding, positions, 2, dtype, seed)
+    lengths_q, lengths_k = q.double().norm(dim=-1), k.double().norm(dim=-1)
+    largest = float(_scores(encoding, q, k, positions).abs().max())
+    bound = 2.0 * _generator_norm(encoding, delta.abs()) * float(lengths_q.max() * lengths_k.max())
+    return rounding + 2.0 * bound / largest
 
 
 def assert_relative(
@@ -161,27 +245,30 @@ def assert_relative(
     ``shift`` (default: three seeded random shifts of unit scale) changes no score by more than
     ``atol`` relative to the largest score.
 
-    Default ``atol``: ``100 * eps(dtype) * max(1, ||A(p + shift)||_2)``, the rounding of the
-    rotations at the largest shifted position.
+    Default ``atol``: ``relative_tolerance`` (the rounding of the rotations in ``dtype`` plus
+    that of ``positions + shift`` in the positions' own dtype), so float32 positions work.
+    Fails on NaN/Inf.
+
+    Shape:
+        positions ``(n, a)`` or ``(b, n, a)``
     """
+    positions = _check_positions(positions, "assert_relative")
     a = positions.shape[-1]
     if shift is None:
         gen = torch.Generator().manual_seed(seed + 1)
         shifts = [torch.randn(a, generator=gen, dtype=torch.float64) for _ in range(3)]
     else:
         shifts = [torch.as_tensor(shift, dtype=torch.float64)]
-    norm_fn = _attr(encoding, "generator_norm", None)
     for s in shifts:
         s = s.to(dtype=positions.dtype, device=positions.device)
         error = relative_position_error(encoding, positions, s, dtype=dtype, seed=seed)
-        if atol is None:
-            norm = max(
-                float(norm_fn(positions + s)) if callable(norm_fn) else 1.0,
-                float(norm_fn(positions)) if callable(norm_fn) else 1.0,
-            )
-            tol = 100.0 * _compute_eps(dtype) * max(1.0, norm)
-        else:
-            tol = atol
+        if not math.isfinite(error):
+            raise AssertionError("scores are NaN or Inf.")
+        tol = (
+            relative_tolerance(encoding, positions, s, dtype=dtype, seed=seed)
+            if atol is None
+            else atol
+        )
         if not error <= tol:
             raise AssertionError(
                 f"scores are not relative: shifting positions by {s.tolist()} changed them by "
@@ -269,6 +356,7 @@ def permutation_equivariance_error(
         out = module(x, positions)
         moved = module(x.index_select(1, full), positions.index_select(pos_dim, perm))
         positions_only = module(x, positions.index_select(pos_dim, perm))
+    _check_finite("the module's output", out, moved, positions_only)
     scale = out.double().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
     equivariance = float((moved.double() - out.index_select(1, full).double()).abs().max() / scale)
     effect = float((positions_only.double() - out.double()).abs().max() / scale)
