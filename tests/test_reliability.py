@@ -171,7 +171,7 @@ def test_warning_far_beyond_the_accurate_range():
     torch.manual_seed(0)
     enc = LieRE(64, 2, block_size=64)
     q = randn(1, 1, 4, 64)
-    with pytest.warns(RuntimeWarning, match="lose orthogonality"):
+    with pytest.warns(RuntimeWarning, match=r"lose accuracy \(error up to about"):
         enc(q, q, grid_positions(2, 2) * 200)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -100,6 +100,14 @@ class RotaryAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.pos_enc = pos_enc
 
+    def reset_parameters(self) -> None:
+        """Re-initialise the projections, norms and encoding (e.g. after meta-device
+        construction and ``to_empty``)."""
+        for module in (self.qkv, self.proj, self.q_norm, self.k_norm, self.norm, self.pos_enc):
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset):
+                reset()
+
     def forward(
         self,
         x: Tensor,

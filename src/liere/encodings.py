@@ -50,6 +50,10 @@ def _rope_magnitudes(count: int, max_freq: float, base: float) -> Tensor:
     return max_freq * base ** (-i / max(count, 1))
 
 
+def _significant_bits(dtype: torch.dtype) -> int:
+    return 1 - round(math.log2(torch.finfo(dtype).eps))
+
+
 def _with_prefix(x: Tensor, rotated: Tensor, p: int) -> Tensor:
     """``rotated`` with ``x``'s first ``p`` tokens in front (dim 2)."""
     return rotated if p == 0 else torch.cat((x[:, :, :p], rotated), dim=2)
@@ -433,7 +437,7 @@ class RotaryEncoding(nn.Module):
         if positions.dtype in (torch.float16, torch.bfloat16) and not F.is_tracing():
             warnings.warn(
                 f"{name}: positions are {positions.dtype}, which keeps only "
-                f"{torch.finfo(positions.dtype).nmant + 1} significant bits: each coordinate is "
+                f"{_significant_bits(positions.dtype)} significant bits: each coordinate is "
                 f"off by up to {torch.finfo(positions.dtype).eps / 2:.1e} of its size, so each "
                 f"rotation angle by up to that fraction of ||A(p)|| "
                 f"(encoding.generator_norm(positions)). Rotations are computed in float32 "

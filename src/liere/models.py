@@ -206,6 +206,16 @@ class VisionTransformer(nn.Module):
     def uses_rotary(self) -> bool:
         return self.pos_enc in ("rope-axial", "rope-mixed", "liere")
 
+    def reset_parameters(self) -> None:
+        """Initialise every parameter as the constructor does (e.g. after meta-device
+        construction and ``to_empty``): each submodule's own ``reset_parameters`` (layer
+        norms, convolutions, encodings), then the ViT's truncated-normal init."""
+        for module in self.modules():
+            reset = getattr(module, "reset_parameters", None)
+            if module is not self and callable(reset):
+                reset()
+        self._init_weights()
+
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if self.pos_embed is not None:
