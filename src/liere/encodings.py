@@ -50,6 +50,15 @@ def _rope_magnitudes(count: int, max_freq: float, base: float) -> Tensor:
     return max_freq * base ** (-i / max(count, 1))
 
 
+def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def _device_of(device: Optional[Union[torch.device, str]]) -> Optional[torch.device]:
+    """The device a module built with ``device=`` lives on, honouring ``with torch.device(..)``."""
+    return torch.empty(0, device=device).device
+
+
 def _significant_bits(dtype: torch.dtype) -> int:
     return 1 - round(math.log2(torch.finfo(dtype).eps))
 
@@ -155,8 +164,8 @@ class RotaryEncoding(nn.Module):
             )
         dtype = F.compute_dtype(q.dtype, q.dtype if k is None else k.dtype)
         chunk = self.max_tokens_per_chunk
-        q_in = q.to(dtype)
-        k_in = None if k is None else k.to(dtype)
+        q_in = _as_dtype(q, dtype)
+        k_in = None if k is None else _as_dtype(k, dtype)
         if q.shape[0] == 0 or q.shape[2] == p:
             # nothing to rotate (empty batch, no tokens, or prefix tokens only)
             return q.clone(), None if k is None else k.clone()
@@ -173,7 +182,8 @@ class RotaryEncoding(nn.Module):
             else:
                 rotation = self._rotations_for(positions, dtype)
                 q_out, k_out = self._apply_rotation(q_in, k_in, rotation, p)
-        return q_out.to(q.dtype), None if k is None or k_out is None else k_out.to(k.dtype)
+        q_out = _as_dtype(q_out, q.dtype)
+        return q_out, None if k is None or k_out is None else _as_dtype(k_out, k.dtype)
 
     def _apply_rotation(
         self, q: Tensor, k: Optional[Tensor], rotation: Rotation, num_prefix_tokens: int = 0
@@ -223,7 +233,7 @@ class RotaryEncoding(nn.Module):
         frozen = self._frozen
         if frozen is not None and self._matches_frozen(frozen[0], positions, dtype):
             return frozen[1]
-        return self._rotations(positions.to(dtype))
+        return self._rotations(_as_dtype(positions, dtype))
 
     def _matches_frozen(
         self, frozen_positions: Tensor, positions: Tensor, dtype: torch.dtype
@@ -723,6 +733,8 @@ class LieRE(RotaryEncoding):
         self.init = init
         self.init_scale = float(init_scale)
         entries = block_size * (block_size - 1) // 2
+        # a constant of the block size, rebuilt on every device move (``_apply``)
+        self._upper_index = F.upper_triangle_index(block_size, _device_of(device))
         self.weight = nn.Parameter(
             torch.empty(num_heads, num_axes, self.num_blocks, entries, device=device, dtype=dtype)
         )
@@ -743,7 +755,7 @@ class LieRE(RotaryEncoding):
         Shape:
             ``(num_heads, num_axes, head_dim // block_size, block_size, block_size)``
         """
-        return F.skew_symmetric(self.weight, self.block_size)
+        return F.skew_symmetric(self.weight, self.block_size, index=self._upper_index)
 
     def generators(self) -> Tensor:
         """Dense, exactly skew-symmetric generators ``A`` (zeros off the diagonal blocks).
@@ -764,12 +776,12 @@ class LieRE(RotaryEncoding):
         return torch.matmul(abs_positions, per_axis.mT)  # (.., n, h)
 
     def _rotations(self, positions: Tensor) -> Rotation:
-        weight = self.weight.to(positions.dtype)
+        weight = _as_dtype(self.weight, positions.dtype)
         if self.block_size == 2:
             # 2x2 block [[0, t], [-t, 0]] turns pair (x0, x1) by -t: RoPE with frequency -theta.
             angles = F.rope_angles(positions, -weight[..., 0])
             return torch.cos(angles), torch.sin(angles)
-        bases = F.skew_symmetric(weight, self.block_size)
+        bases = F.skew_symmetric(weight, self.block_size, index=self._upper_index)
         return F.lie_rotations(
             positions,
             bases,
@@ -788,6 +800,11 @@ class LieRE(RotaryEncoding):
         if isinstance(rotation, tuple):
             return super()._rotate_pair(q, k, rotation, num_prefix_tokens)
         return F.apply_blockwise_pair(q, k, rotation, num_prefix_tokens=num_prefix_tokens)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> RotaryEncoding:
+        out = super()._apply(fn, *args, **kwargs)
+        self._upper_index = F.upper_triangle_index(self.block_size, self.weight.device)
+        return out
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         _check_checkpoint_shape(self, state_dict, prefix + "weight", self.weight, args[-1])

@@ -21,6 +21,7 @@ from liere import kernels as _kernels
 
 __all__ = [
     "skew_symmetric",
+    "upper_triangle_index",
     "block_generators",
     "expm_skew",
     "expm_skew_reference",
@@ -57,10 +58,22 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def skew_symmetric(params: Tensor, size: int) -> Tensor:
+def upper_triangle_index(size: int, device: Optional[torch.device] = None) -> Tensor:
+    """Flat positions ``row * size + col`` of the strictly upper triangle, row-major (the
+    order of ``skew_symmetric``'s parameters).
+
+    Shape:
+        ``(size * (size - 1) // 2,)`` (int64)
+    """
+    rows, cols = torch.triu_indices(size, size, offset=1, device=device)
+    return rows * size + cols
+
+
+def skew_symmetric(params: Tensor, size: int, *, index: Optional[Tensor] = None) -> Tensor:
     """``A = U - U^T`` from the strictly upper-triangular entries of ``U`` (row-major).
 
-    The result is exactly skew-symmetric (``A == -A.mT`` bit for bit).
+    The result is exactly skew-symmetric (``A == -A.mT`` bit for bit). ``index``:
+    ``upper_triangle_index(size)`` on ``params``' device, when the caller keeps one.
 
     Shape:
         params ``(..., size * (size - 1) // 2)`` -> ``(..., size, size)``
@@ -71,10 +84,10 @@ def skew_symmetric(params: Tensor, size: int) -> Tensor:
             f"params must end in size*(size-1)/2 = {expected} entries for size {size}; "
             f"got shape {tuple(params.shape)}."
         )
-    rows_cols = torch.triu_indices(size, size, offset=1, device=params.device)
-    flat_index = torch.addcmul(rows_cols[1], rows_cols[0], torch.tensor(size))  # row * s + col
+    if index is None:
+        index = upper_triangle_index(size, params.device)
     upper = params.new_zeros(*params.shape[:-1], size * size)
-    upper.index_copy_(-1, flat_index, params)  # one copy into the flat upper triangle
+    upper.index_copy_(-1, index, params)  # one copy into the flat upper triangle
     square = upper.unflatten(-1, (size, size))
     return square - square.mT
 
@@ -352,8 +365,11 @@ def _taylor_autograd(x: Tensor, squarings: int) -> Tensor:
     top = powers.pop()  # X^k
     eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device).expand_as(x)
     # Paterson-Stockmeyer chunk c: sum_{i<k} X^i / (c k + i)!, all chunks in one contraction
-    table = _PS_TABLES[x.dtype].to(x.device)  # (chunks, k)
-    blocks = torch.tensordot(table, torch.stack([eye, *powers]), dims=1)  # (chunks, N, s, s)
+    table = _PS_TABLES[x.dtype]  # (chunks, k)
+    if table.device != x.device:
+        table = table.to(x.device)
+    stacked = torch.stack([eye, *powers])  # (k, N, s, s)
+    blocks = torch.mm(table, stacked.view(k, -1)).view(chunks, *x.shape)
     result = blocks[-1]
     for c in reversed(range(chunks - 1)):
         result = torch.baddbmm(blocks[c], result, top)
@@ -1093,8 +1109,8 @@ def _ray_products_plain(base: Tensor, plan: _RayPlan) -> Tensor:
 # Decoding rotates one token (or a handful) per step. There the fast path's fixed costs (exact
 # spectral norms of every basis block, the position-polynomial coefficients, kernel set-up)
 # dwarf the exponential itself, so up to FEW_TOKENS token rows (tokens times samples) the
-# generators are built directly, bounded by their 1-norms (>= the 2-norm, and cheap for this
-# few) and exponentiated by the same scaling-and-squaring Taylor series in a handful of plain
+# generators are built directly, bounded by their own norms (cheap for this few) and
+# exponentiated by the same scaling-and-squaring Taylor series in a handful of plain
 # autograd ops (``_taylor_autograd``). Measured with benchmarks/bench_decode.py (docs/decoding.md).
 FEW_TOKENS = 8
 
@@ -1147,8 +1163,8 @@ def lie_rotations(
 def _few_token_rotations(
     positions: Tensor, bases: Tensor, threshold: Optional[float]
 ) -> tuple[Tensor, Optional[Tensor], float]:
-    """Note [few tokens]: the rotations, the largest generator 1-norm (>= its 2-norm), and the
-    per-block 1-norms when that exceeds ``threshold`` (else None: nothing to re-orthogonalise).
+    """Note [few tokens]: the rotations, the largest bound on a generator's 2-norm, and the
+    per-block bounds when that exceeds ``threshold`` (else None: nothing to re-orthogonalise).
 
     Shape:
         positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)``
@@ -1158,10 +1174,13 @@ def _few_token_rotations(
     size = gen.shape[-1]
     flat = gen.reshape(-1, size, size)
     with torch.no_grad():
-        columns = flat.abs().sum(dim=-2)  # (N, s): ||G||_1 is the largest column sum
-        norm = float(columns.max())
+        # ||G||_2 <= ||G||_F / sqrt(2) for skew-symmetric G: its eigenvalues come in pairs
+        # +-i w, so w_max^2 <= sum w^2 = ||G||_F^2 / 2 (exact for 2x2 blocks; tighter than the
+        # 1-norm at the paper's init: 22.6 against 34.8 for 8x8 blocks whose 2-norm is 21.0)
+        per_block = torch.linalg.vector_norm(flat, dim=(-2, -1)).mul_(0.5**0.5)
+        norm = float(per_block.max())
         over = threshold is not None and norm > threshold
-        bound = columns.amax(dim=-1).view(gen.shape[:-2]) if over else None
+        bound = per_block.view(gen.shape[:-2]) if over else None
     squarings = squarings_for(norm, flat.dtype)  # raises on NaN/Inf
     _warn_if_inaccurate(norm, flat.dtype)
     rot = _taylor_autograd(flat * 2.0**-squarings if squarings else flat, squarings)
@@ -1309,14 +1328,28 @@ def expm_skew_reference(gen: Tensor) -> Tensor:
 def is_tracing() -> bool:
     """True while torch.compile, torch.export, TorchScript tracing or ONNX export traces the
     code: data-dependent choices (the squaring count, caches, input checks) are skipped then."""
-    compiler = getattr(torch, "compiler", None)
-    for name in ("is_compiling", "is_exporting"):
-        if compiler is not None and hasattr(compiler, name) and getattr(compiler, name)():
+    for check in _TRACING_CHECKS:
+        if check():
             return True
-    if torch.jit.is_tracing():
-        return True
-    in_onnx_export = getattr(getattr(torch, "onnx", None), "is_in_onnx_export", None)
-    return bool(in_onnx_export is not None and in_onnx_export())
+    return False
+
+
+def _tracing_checks() -> tuple[Any, ...]:
+    """The tracing predicates this torch has (looked up once: they are functions)."""
+    checks = []
+    for owner, name in (
+        ("compiler", "is_compiling"),
+        ("compiler", "is_exporting"),
+        ("jit", "is_tracing"),
+        ("onnx", "is_in_onnx_export"),
+    ):
+        check = getattr(getattr(torch, owner, None), name, None)
+        if callable(check):
+            checks.append(check)
+    return tuple(checks)
+
+
+_TRACING_CHECKS = _tracing_checks()
 
 
 def apply_blockwise(x: Tensor, rotations: Tensor) -> Tensor:
@@ -1330,6 +1363,9 @@ def apply_blockwise(x: Tensor, rotations: Tensor) -> Tensor:
         ``(b, h | 1, n, m, s, s)`` (per sample), with ``m * s == d`` -> ``(b, h, n, d)``
     """
     m, s = rotations.shape[-3], rotations.shape[-1]
+    if rotations.dim() == 5 and rotations.shape[1] <= FEW_TOKENS:
+        if x.shape[1] % rotations.shape[0] == 0:
+            return _apply_few(x, rotations)
     xb = x.unflatten(-1, (m, s))
     if rotations.dim() == 5:
         if rotations.shape[0] == 1:
@@ -1360,7 +1396,7 @@ def apply_blockwise_pair(
     p = num_prefix_tokens
     fast = rotations.dim() == 5 and q.shape == k.shape and q.dtype == k.dtype == rotations.dtype
     if fast and p == 0 and rotations.shape[1] <= FEW_TOKENS:
-        # Note [few tokens]: one einsum over q and k side by side beats the gather/scatter
+        # Note [few tokens]: one product over q and k side by side beats the gather/scatter
         b = q.shape[0]
         both = apply_blockwise(torch.cat((q, k)), rotations)
         return both[:b], both[b:]
@@ -1369,6 +1405,21 @@ def apply_blockwise_pair(
             out: tuple[Tensor, Tensor] = _BlockwisePair.apply(q, k, rotations, p)
             return out
     return _blockwise_pair_plain(q, k, rotations, p)
+
+
+def _apply_few(x: Tensor, rotations: Tensor) -> Tensor:
+    """``apply_blockwise`` for few tokens (Note [few tokens]): the batch, and the heads that
+    share a rotation, become the columns of one batched product.
+
+    Shape:
+        x ``(b, h, n, d)``; rotations ``(h', n, m, s, s)`` with ``h % h' == 0`` -> ``(b, h, n, d)``
+    """
+    hr, n, m, s = rotations.shape[0], rotations.shape[1], rotations.shape[2], rotations.shape[-1]
+    b, h = x.shape[0], x.shape[1]
+    columns = x.view(b, hr, h // hr, n, m, s).permute(1, 3, 4, 5, 0, 2)  # h' n m s b h/h'
+    out = torch.matmul(rotations, columns.reshape(hr, n, m, s, -1))
+    out = out.view(hr, n, m, s, b, h // hr).permute(4, 0, 5, 1, 2, 3)
+    return out.reshape(b, h, n, m * s)
 
 
 def _blockwise_pair_plain(q: Tensor, k: Tensor, rotations: Tensor, p: int) -> tuple[Tensor, Tensor]:
