@@ -258,6 +258,19 @@ def test_reorthogonalize_corrects_only_blocks_past_the_threshold():
     assert F.reorthogonalize(rot, bound, None) is rot
 
 
+def test_reorthogonalize_gradients_follow_the_newton_schulz_step():
+    rot = torch.linalg.matrix_exp(F.skew_symmetric(randn(3, 28, seed=1), 8)) * 1.001
+    bound = torch.tensor([10.0, 2000.0, 3000.0])
+    weights = randn(3, 8, 8, seed=2)
+    rot.requires_grad_()
+    (F.reorthogonalize(rot, bound, 1024.0) * weights).sum().backward()
+    ref = rot.detach().clone().requires_grad_()
+    fixed = ref - 0.5 * ref @ (ref.mT @ ref - torch.eye(8))
+    plain = torch.cat((ref[:1], fixed[1:]))
+    (plain * weights).sum().backward()
+    torch.testing.assert_close(rot.grad, ref.grad, atol=1e-5, rtol=1e-5)
+
+
 # -- causal attention -------------------------------------------------------------------------
 
 
