@@ -49,6 +49,12 @@ class _GridContext:
             self._cache[key] = grid_positions(*self.grid, reference=self.reference, device=device)
         return self._cache[key]
 
+    def __getstate__(self) -> dict[str, Any]:
+        # the positions are recomputed from the grid: a pickled or saved model carries none
+        state = self.__dict__.copy()
+        state["_cache"] = {}
+        return state
+
 
 class _TimmRope(nn.Module):
     """timm's own RoPE, kept when the swapped-in encoding is disabled (pos_enc=None on a
