@@ -8,8 +8,9 @@ from typing import Any
 
 from . import functional
 from .attention import RotaryAttention
+from .commuting import CayleySTRING, ComRoPE
 from .encodings import AxialRoPE, LieRE, MixedRoPE, RotaryEncoding
-from .positions import grid_positions
+from .positions import augment_positions, grid_positions
 
 __version__ = "0.1.0"
 
@@ -31,10 +32,13 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "AxialRoPE",
+    "CayleySTRING",
+    "ComRoPE",
     "LieRE",
     "MixedRoPE",
     "RotaryAttention",
     "RotaryEncoding",
     "functional",
+    "augment_positions",
     "grid_positions",
 ]

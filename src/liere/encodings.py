@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from . import functional as F
 
-__all__ = ["RotaryEncoding", "LieRE", "AxialRoPE", "MixedRoPE"]
+__all__ = ["RotaryEncoding", "BlockRotaryEncoding", "LieRE", "AxialRoPE", "MixedRoPE"]
 
-Rotation = Union[Tensor, tuple[Tensor, Tensor]]
+Rotation = Union[Tensor, tuple[Tensor, ...]]
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
@@ -293,7 +293,7 @@ class RotaryEncoding(nn.Module):
             positions, rotation = frozen
             moved: Rotation
             if isinstance(rotation, tuple):
-                moved = (rotation[0].to(device), rotation[1].to(device))
+                moved = tuple(part.to(device) for part in rotation)
             else:
                 moved = rotation.to(device)
             self._frozen = (positions.to(device), moved)
@@ -668,7 +668,54 @@ class MixedRoPE(_PairwiseRoPE):
         )
 
 
-class LieRE(RotaryEncoding):
+class BlockRotaryEncoding(RotaryEncoding):
+    """Base of the encodings whose generators are block-diagonal skew matrices
+    ``B[h, a, m]`` (LieRE, ComRoPE): rotations ``exp(sum_a p_a B[h, a, m])`` per block,
+    applied blockwise. Subclasses implement ``bases()``.
+    """
+
+    block_size: int
+
+    def bases(self) -> Tensor:  # pragma: no cover - abstract
+        """The skew-symmetric blocks of every generator.
+
+        Shape:
+            ``(num_heads, num_axes, head_dim // block_size, block_size, block_size)``
+        """
+        raise NotImplementedError
+
+    def generators(self) -> Tensor:
+        """Dense, exactly skew-symmetric generators ``A`` (zeros off the diagonal blocks).
+
+        Shape:
+            ``(num_heads, num_axes, head_dim, head_dim)``
+        """
+        blocks = self.bases()
+        h, a, m, s, _ = blocks.shape
+        eye = torch.eye(m, dtype=blocks.dtype, device=blocks.device)
+        dense = torch.einsum("hamij,mn->haminj", blocks, eye)
+        return dense.reshape(h, a, m * s, m * s)
+
+    def _generator_norms(self, abs_positions: Tensor) -> Tensor:
+        # ||sum_a p_a A_a||_2 <= sum_a |p_a| max_m ||A[h, a, m]||_2 (block-diagonal A).
+        blocks = self.bases().detach().double()
+        per_axis = torch.linalg.matrix_norm(blocks, ord=2).amax(dim=-1)  # (h, a)
+        return torch.matmul(abs_positions, per_axis.mT)  # (.., n, h)
+
+    def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:
+        if isinstance(rotation, tuple):
+            return F.apply_rope(x, *rotation)
+        return F.apply_blockwise(x, rotation)
+
+    def _rotate_pair(
+        self, q: Tensor, k: Tensor, rotation: Rotation, num_prefix_tokens: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        if isinstance(rotation, tuple):
+            return super()._rotate_pair(q, k, rotation, num_prefix_tokens)
+        return F.apply_blockwise_pair(q, k, rotation, num_prefix_tokens=num_prefix_tokens)
+
+
+class LieRE(BlockRotaryEncoding):
     """LieRE: ``R(p) = exp(sum_a p_a A_a)`` with learned block-diagonal skew-symmetric ``A_a``.
 
     One generator per axis (per head when ``num_heads > 1``), block-diagonal with
@@ -757,24 +804,6 @@ class LieRE(RotaryEncoding):
         """
         return F.skew_symmetric(self.weight, self.block_size, index=self._upper_index)
 
-    def generators(self) -> Tensor:
-        """Dense, exactly skew-symmetric generators ``A`` (zeros off the diagonal blocks).
-
-        Shape:
-            ``(num_heads, num_axes, head_dim, head_dim)``
-        """
-        blocks = self.bases()
-        h, a, m, s, _ = blocks.shape
-        eye = torch.eye(m, dtype=blocks.dtype, device=blocks.device)
-        dense = torch.einsum("hamij,mn->haminj", blocks, eye)
-        return dense.reshape(h, a, m * s, m * s)
-
-    def _generator_norms(self, abs_positions: Tensor) -> Tensor:
-        # ||sum_a p_a A_a||_2 <= sum_a |p_a| max_m ||A[h, a, m]||_2 (block-diagonal A).
-        blocks = F.skew_symmetric(self.weight.detach().double(), self.block_size)
-        per_axis = torch.linalg.matrix_norm(blocks, ord=2).amax(dim=-1)  # (h, a)
-        return torch.matmul(abs_positions, per_axis.mT)  # (.., n, h)
-
     def _rotations(self, positions: Tensor) -> Rotation:
         weight = _as_dtype(self.weight, positions.dtype)
         if self.block_size == 2:
@@ -788,18 +817,6 @@ class LieRE(RotaryEncoding):
             method=self.exp_method,
             reorthogonalize_above=self.reorthogonalize_above,
         )
-
-    def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:
-        if isinstance(rotation, tuple):
-            return F.apply_rope(x, *rotation)
-        return F.apply_blockwise(x, rotation)
-
-    def _rotate_pair(
-        self, q: Tensor, k: Tensor, rotation: Rotation, num_prefix_tokens: int = 0
-    ) -> tuple[Tensor, Tensor]:
-        if isinstance(rotation, tuple):
-            return super()._rotate_pair(q, k, rotation, num_prefix_tokens)
-        return F.apply_blockwise_pair(q, k, rotation, num_prefix_tokens=num_prefix_tokens)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> RotaryEncoding:
         out = super()._apply(fn, *args, **kwargs)

@@ -15,12 +15,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import RotaryAttention
+from .commuting import CayleySTRING, ComRoPE
 from .encodings import AxialRoPE, LieRE, MixedRoPE, RotaryEncoding
-from .positions import grid_positions
+from .positions import augment_positions, grid_positions
 
 __all__ = ["VisionTransformer", "Block", "POS_ENCODINGS", "make_pos_enc"]
 
-POS_ENCODINGS = ("none", "absolute", "rope-axial", "rope-mixed", "liere")
+POS_ENCODINGS = (
+    "none",
+    "absolute",
+    "rope-axial",
+    "rope-mixed",
+    "liere",
+    "comrope-ap",
+    "comrope-ld",
+    "string-cayley",
+)
+ROTARY = POS_ENCODINGS[2:]
 
 
 def make_pos_enc(
@@ -29,8 +40,8 @@ def make_pos_enc(
     """The rotary encoding one attention layer uses for ``name`` (None for none/absolute).
 
     ``kwargs`` go to the encoding's constructor; ``num_heads`` and ``block_size`` are dropped
-    where the encoding has no such option (AxialRoPE is shared by all heads; only LieRE has
-    blocks).
+    where the encoding has no such option (AxialRoPE is shared by all heads; LieRE and ComRoPE
+    have blocks).
     """
     if name in ("none", "absolute"):
         return None
@@ -43,6 +54,11 @@ def make_pos_enc(
         return MixedRoPE(head_dim, num_axes, **kwargs)
     if name == "liere":
         return LieRE(head_dim, num_axes, **kwargs)
+    if name in ("comrope-ap", "comrope-ld"):
+        return ComRoPE(head_dim, num_axes, variant=name[-2:], **kwargs)
+    if name == "string-cayley":
+        kwargs.pop("block_size", None)
+        return CayleySTRING(head_dim, num_axes, **kwargs)
     raise ValueError(f"pos_enc must be one of {POS_ENCODINGS}; got {name!r}.")
 
 
@@ -123,8 +139,13 @@ class VisionTransformer(nn.Module):
             ``(D, H, W)``; every size must be divisible by its patch size.
         num_classes: output logits (0 returns the pooled features).
         in_channels, dim, depth, num_heads, mlp_ratio: the usual.
-        pos_enc: ``"none"``, ``"absolute"``, ``"rope-axial"``, ``"rope-mixed"`` or ``"liere"``.
-        block_size: LieRE block size (8 is LieRE_8; ``dim // num_heads`` is dense).
+        pos_enc: ``"none"``, ``"absolute"``, ``"rope-axial"``, ``"rope-mixed"``, ``"liere"``,
+            ``"comrope-ap"``, ``"comrope-ld"`` or ``"string-cayley"``.
+        block_size: LieRE / ComRoPE block size (8 is LieRE_8; ``dim // num_heads`` is dense).
+        position_augment: keyword arguments of ``liere.augment_positions`` (``shift``,
+            ``jitter``, ``rescale``): DINOv3-style coordinate augmentation, applied in
+            training only (one draw per forward, shared by the batch); eval sees the plain
+            grid.
         pos_enc_kwargs: extra keyword arguments for the encoding (e.g. ``num_heads=1`` to share
             LieRE generators across heads, ``max_freq`` for RoPE).
         drop_rate, attn_drop_rate: dropout.
@@ -151,6 +172,7 @@ class VisionTransformer(nn.Module):
         qkv_bias: bool = True,
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
+        position_augment: Optional[dict[str, Any]] = None,
     ) -> None:
         super().__init__()
         if pos_enc not in POS_ENCODINGS:
@@ -166,6 +188,15 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"image_size {image} must be divisible by patch_size {patch}.")
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}.")
+        augment: dict[str, Any] = dict(position_augment or {})
+        unknown = set(augment) - {"shift", "jitter", "rescale"}
+        if unknown:
+            raise ValueError(
+                f"position_augment takes shift, jitter and rescale (liere.augment_positions); "
+                f"got {sorted(unknown)}."
+            )
+        augment_positions(grid_positions(2, 2), **augment)  # validates the values
+        self.position_augment = augment
         self.image_size = image
         self.patch_size = patch
         self.grid_size = tuple(i // p for i, p in zip(image, patch))
@@ -204,7 +235,7 @@ class VisionTransformer(nn.Module):
 
     @property
     def uses_rotary(self) -> bool:
-        return self.pos_enc in ("rope-axial", "rope-mixed", "liere")
+        return self.pos_enc in ROTARY
 
     def reset_parameters(self) -> None:
         """Initialise every parameter as the constructor does (e.g. after meta-device
@@ -281,6 +312,8 @@ class VisionTransformer(nn.Module):
         cls = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
         tokens = self.pos_drop(torch.cat((cls, tokens), dim=1))
         positions = self.positions_for(grid, device=x.device) if self.uses_rotary else None
+        if positions is not None and self.training and self.position_augment:
+            positions = augment_positions(positions, **self.position_augment)
         for block in self.blocks:
             tokens = block(tokens, positions)
         return self.norm(tokens)

@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["grid_positions"]
+__all__ = ["grid_positions", "augment_positions"]
 
 
 def _as_sizes(values: Sequence[int], name: str) -> tuple[int, ...]:
@@ -85,3 +85,77 @@ def grid_positions(
     mesh = torch.meshgrid(*axes, indexing="ij")
     positions = torch.stack(mesh, dim=-1).reshape(math.prod(grid), len(grid))
     return positions.to(dtype)
+
+
+def _log_uniform(low_high: float, size: int, generator: Optional[torch.Generator]) -> Tensor:
+    """``exp(U[-log f, log f])``: factors in ``[1/f, f]``, symmetric in log (float64, CPU)."""
+    span = math.log(low_high)
+    return torch.exp((torch.rand(size, generator=generator, dtype=torch.float64) * 2 - 1) * span)
+
+
+def augment_positions(
+    positions: Tensor,
+    *,
+    shift: float = 0.0,
+    jitter: float = 1.0,
+    rescale: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """DINOv3-style coordinate augmentation (training only): random shift, per-axis jitter and
+    one overall rescale of the coordinates.
+
+    With ``c`` the centre of the coordinates (per axis, the midpoint of their smallest and
+    largest value: 0.5 on the training grid of ``grid_positions``), each draw maps
+
+        ``p -> c + (p - c + t) * j * r``
+
+    with a per-axis shift ``t ~ U[-shift, shift]`` (in position units: the training grid spans
+    1), a per-axis jitter factor ``j`` log-uniform in ``[1/jitter, jitter]`` and one factor
+    ``r`` log-uniform in ``[1/rescale, rescale]`` for all axes. DINOv3 applies the same order
+    (shift, then the factors) to coordinates centred in [-1, 1]. The defaults are the identity
+    (the input comes back unchanged, without drawing).
+
+    ``(n, a)`` positions (shared by the batch): one draw per call, so the rotations stay
+    shared. ``(b, n, a)``: one draw per sample, each about its own centre.
+
+    Args:
+        positions: coordinates, e.g. ``grid_positions(14, 14)``.
+        shift: half-width of the uniform shift (>= 0).
+        jitter, rescale: largest factor (>= 1).
+        generator: a ``torch.Generator`` on the CPU for reproducible draws.
+
+    Shape:
+        ``(n, a)`` or ``(b, n, a)`` -> the same shape and dtype
+    """
+    if not isinstance(positions, Tensor) or positions.dim() not in (2, 3):
+        shape = tuple(positions.shape) if isinstance(positions, Tensor) else type(positions)
+        raise ValueError(
+            f"augment_positions takes positions of shape (tokens, axes) or "
+            f"(batch, tokens, axes); got {shape}."
+        )
+    if not positions.is_floating_point():
+        raise ValueError(f"positions must be floating point; got {positions.dtype}.")
+    for name, value, least in (
+        ("shift", shift, 0.0),
+        ("jitter", jitter, 1.0),
+        ("rescale", rescale, 1.0),
+    ):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= least):
+            raise ValueError(
+                f"{name} must be a finite number >= {least:g} ({name}={least:g} is the "
+                f"identity); got {value!r}."
+            )
+    if shift == 0.0 and jitter == 1.0 and rescale == 1.0:
+        return positions
+    samples = positions.shape[0] if positions.dim() == 3 else 1
+    a = positions.shape[-1]
+    shifts = (torch.rand(samples, a, generator=generator, dtype=torch.float64) * 2 - 1) * shift
+    factors = _log_uniform(jitter, samples * a, generator).view(samples, a)
+    factors = factors * _log_uniform(rescale, samples, generator).view(samples, 1)
+    p = positions.double().reshape(samples, -1, a)
+    if p.shape[1] == 0:
+        return positions
+    centre = (p.amax(dim=1, keepdim=True) + p.amin(dim=1, keepdim=True)) / 2
+    dev = positions.device
+    out = centre + (p - centre + shifts.to(dev).unsqueeze(1)) * factors.to(dev).unsqueeze(1)
+    return out.reshape(positions.shape).to(positions.dtype)
