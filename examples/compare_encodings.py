@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -59,6 +60,35 @@ ENCODINGS = {
     "liere-8": ("liere", 8),
     "liere-dense": ("liere", 16),
 }
+# the commuting family (liere.commuting): on request with --encodings
+EXTRA_ENCODINGS = {
+    "comrope-ap": ("comrope-ap", 8),  # 2D: one 8x8 block per axis and head
+    "comrope-ld": ("comrope-ld", 8),
+    "string-cayley": ("string-cayley", 8),
+}
+ALL_ENCODINGS = {**ENCODINGS, **EXTRA_ENCODINGS}
+
+
+def parse_augment(items: Optional[list[str]]) -> dict[str, float]:
+    """``["shift=0.1", "jitter=1.2"]`` -> ``{"shift": 0.1, "jitter": 1.2}`` (for
+    ``liere.augment_positions``)."""
+    out: dict[str, float] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or key not in ("shift", "jitter", "rescale"):
+            raise SystemExit(
+                f"--position-augment takes shift=..., jitter=..., rescale=...; got {item!r}."
+            )
+        out[key] = float(value)
+    return out
+
+
+def unsupported(task: Task, encoding: str) -> Optional[str]:
+    """Why an encoding cannot run on a task's model (None when it can)."""
+    axes = 3 if isinstance(task.image_size, tuple) and len(task.image_size) == 3 else 2
+    if encoding == "comrope-ap" and 16 % (axes * 8):
+        return f"ComRoPE-AP cannot split head_dim 16 into {axes} axis groups of 8x8 blocks"
+    return None
 
 
 SCALES = ("1x", "1.5x", "2x")
@@ -97,8 +127,13 @@ def make_tasks() -> dict[str, Task]:
     }
 
 
-def build_model(task: Task, encoding: str, num_classes: int) -> VisionTransformer:
-    pos_enc, block = ENCODINGS[encoding]
+def build_model(
+    task: Task,
+    encoding: str,
+    num_classes: int,
+    position_augment: Optional[dict[str, float]] = None,
+) -> VisionTransformer:
+    pos_enc, block = ALL_ENCODINGS[encoding]
     return VisionTransformer(
         task.image_size,
         task.patch_size,
@@ -109,6 +144,7 @@ def build_model(task: Task, encoding: str, num_classes: int) -> VisionTransforme
         num_heads=4,
         pos_enc=pos_enc,
         block_size=block,
+        position_augment=position_augment,
     )
 
 
@@ -155,10 +191,11 @@ def run_one(
     device: torch.device,
     world: int,
     pictures: Optional[Path] = None,
+    position_augment: Optional[dict[str, float]] = None,
 ) -> dict[str, float]:
     train_set, tests = data
     set_seed(seed)
-    model = build_model(task, encoding, train_set.num_classes).to(device)
+    model = build_model(task, encoding, train_set.num_classes, position_augment).to(device)
     net: torch.nn.Module = model
     if world > 1:
         net = DistributedDataParallel(
@@ -250,7 +287,7 @@ def plot(results: list[dict[str, Any]], tasks: list[str], encs: list[str], path:
             means, errs = [], []
             for enc in encs:
                 vals = [100 * r[key] for r in results if r["task"] == task and r["encoding"] == enc]
-                means.append(statistics.fmean(vals))
+                means.append(statistics.fmean(vals) if vals else math.nan)  # nan: skipped
                 errs.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
             xs = [i + (j - 1.5) * width for i in range(len(encs))]
             ax.bar(xs, means, width, yerr=errs, label=label, capsize=2)
@@ -278,12 +315,26 @@ def main(argv: Optional[list[str]] = None) -> None:
         choices=["mnist", "spatial", "video"],
         help="default: all (quick: mnist spatial)",
     )
-    parser.add_argument("--encodings", nargs="+", choices=list(ENCODINGS), default=list(ENCODINGS))
+    parser.add_argument(
+        "--encodings",
+        nargs="+",
+        choices=list(ALL_ENCODINGS),
+        default=list(ENCODINGS),
+        help="default: the original six; comrope-ap, comrope-ld, string-cayley on request",
+    )
+    parser.add_argument(
+        "--position-augment",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="DINOv3 coordinate augmentation in training (liere.augment_positions), e.g. "
+        "shift=0.1 jitter=1.2 rescale=1.5",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 (quick) or 0 1 2")
     parser.add_argument("--epochs", type=int, help="override every task's epoch count")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--out", type=Path, help="default: results/quick or results/full")
     args = parser.parse_args(argv)
+    augment = parse_augment(args.position_augment)
     rank, world = init_distributed()
     if args.out is None:
         args.out = Path("results") / ("quick" if args.quick else "full")
@@ -311,9 +362,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"{platform.machine()} with {os.cpu_count()} CPU cores, "
         f"{torch.get_num_threads()} threads"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
-        + "; ViT dim 64, depth 3, 4 heads of 16."
+        + "; ViT dim 64, depth 3, 4 heads of 16"
+        + (f"; position augment {augment}" if augment else "")
+        + "."
     )
-    runs = [(t, e, s) for t in task_names for e in args.encodings for s in seeds]
+    runs = []
+    for t in task_names:
+        for e in args.encodings:
+            reason = unsupported(tasks[t], e)
+            if reason is not None:
+                print(f"skipping {e} on {t}: {reason}")
+                continue
+            runs.extend((t, e, s) for s in seeds)
     try:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
@@ -329,7 +389,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         if hasattr(bar, "set_postfix_str"):
             bar.set_postfix_str(f"{task_name} {enc} seed {seed}")
         pictures = args.out if rank == 0 and seed == seeds[0] else None
-        result = run_one(task, enc, seed, data_cache[task_name], epochs, device, world, pictures)
+        result = run_one(
+            task, enc, seed, data_cache[task_name], epochs, device, world, pictures, augment
+        )
         results.append(
             {"task": task_name, "encoding": enc, "seed": seed, "epochs": epochs, **result}
         )
