@@ -29,7 +29,8 @@ compiled kernel's forward when built, else as the batched product.
 
 Case names: ``liere8`` per-head generators with 8x8 blocks (the paper's LieRE_8), ``liere64``
 dense, ``liere8-shared`` one set shared by all heads (``num_heads=1``, the constructor's
-default), ``-ref`` the torch.matrix_exp reference path.
+default), ``-ref`` the torch.matrix_exp reference path; ``comrope-ap`` and ``comrope-ld``
+(8x8 blocks, per head) and ``string-cayley`` (per head) the commuting family.
 """
 
 from __future__ import annotations
@@ -43,7 +44,15 @@ from typing import Optional
 
 import torch
 
-from liere import AxialRoPE, LieRE, MixedRoPE, RotaryAttention, grid_positions
+from liere import (
+    AxialRoPE,
+    CayleySTRING,
+    ComRoPE,
+    LieRE,
+    MixedRoPE,
+    RotaryAttention,
+    grid_positions,
+)
 from liere import functional as F
 from liere import kernels as K
 
@@ -64,6 +73,10 @@ def make_layer(name: str, dim: int, heads: int, axes: int) -> RotaryAttention:
         pos_enc = LieRE(head_dim, axes, num_heads=1 if shared else heads, block_size=block)
         if name.endswith("-ref"):
             pos_enc.exp_method = "matrix_exp"
+    elif name in ("comrope-ap", "comrope-ld"):
+        pos_enc = ComRoPE(head_dim, axes, num_heads=heads, block_size=8, variant=name[-2:])
+    elif name == "string-cayley":
+        pos_enc = CayleySTRING(head_dim, axes, num_heads=heads)
     else:
         raise ValueError(f"unknown case {name!r}")
     return RotaryAttention(dim, heads, pos_enc=pos_enc, num_prefix_tokens=1)
