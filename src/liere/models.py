@@ -78,7 +78,8 @@ class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm(x)); x + mlp(norm(x))``.
 
     Shape:
-        x ``(b, prefix + n, dim)``, positions ``(n, a)`` or ``(b, n, a)`` -> same as x
+        x ``(b, prefix + n, dim)``, positions ``(n, a)`` or ``(b, n, a)``, attn_mask as
+        ``RotaryAttention`` takes it -> same as x
     """
 
     def __init__(
@@ -107,8 +108,10 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def forward(self, x: Tensor, positions: Optional[Tensor] = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), positions)
+    def forward(
+        self, x: Tensor, positions: Optional[Tensor] = None, attn_mask: Optional[Tensor] = None
+    ) -> Tensor:
+        x = x + self.attn(self.norm1(x), positions, attn_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -295,12 +298,20 @@ class VisionTransformer(nn.Module):
         table = F.interpolate(table, size=grid, mode=mode, align_corners=False)
         return table.movedim(1, -1).reshape(1, math.prod(grid), self.dim)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def forward_features(self, x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
         """Tokens after the last block and norm (CLS first).
 
+        ``x`` may be a list of images of different sizes (variable resolution): each is
+        embedded at its own grid with its own positions, tokens are padded to the longest
+        sequence, and padded tokens are masked out as keys, so they never change the others;
+        their own outputs are meaningless (see ``token_mask``).
+
         Shape:
-            x ``(b, c, *spatial)`` -> ``(b, 1 + prod(grid), dim)``
+            x ``(b, c, *spatial)`` -> ``(b, 1 + prod(grid), dim)``; or a list of ``b`` tensors
+            ``(c, *spatial_i)`` -> ``(b, 1 + max_i prod(grid_i), dim)``
         """
+        if not isinstance(x, Tensor):
+            return self._forward_variable(list(x))
         if x.dim() < 3 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"x must have shape (batch, {self.in_channels}, *spatial); got {tuple(x.shape)}."
@@ -318,8 +329,60 @@ class VisionTransformer(nn.Module):
             tokens = block(tokens, positions)
         return self.norm(tokens)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
         return self.head(self.forward_features(x)[:, 0])
+
+    def token_mask(self, images: Sequence[Tensor]) -> Tensor:
+        """Which tokens of ``forward_features(images)`` are real (CLS included) and which are
+        padding, for a list of images of different sizes.
+
+        Shape:
+            ``(b, 1 + max_i prod(grid_i))`` (bool)
+        """
+        counts = [math.prod(self.grid_for(img.shape[1:])) for img in images]
+        longest = max(counts)
+        device = images[0].device
+        index = torch.arange(1 + longest, device=device)
+        return index.unsqueeze(0) <= torch.tensor(counts, device=device).unsqueeze(1)
+
+    def _forward_variable(self, images: Sequence[Tensor]) -> Tensor:
+        if len(images) == 0:
+            raise ValueError("forward takes a batch tensor or a non-empty list of images.")
+        for i, img in enumerate(images):
+            if not isinstance(img, Tensor) or img.dim() != 1 + self.num_axes:
+                kind = "(C, H, W)" if self.num_axes == 2 else "(C, D, H, W)"
+                shape = tuple(img.shape) if isinstance(img, Tensor) else type(img).__name__
+                raise ValueError(
+                    f"a list input holds one image {kind} per sample, without a batch dim; "
+                    f"item {i} has shape {shape}."
+                )
+            if img.shape[0] != self.in_channels:
+                raise ValueError(
+                    f"item {i} has {img.shape[0]} channels; this model takes {self.in_channels}."
+                )
+        grids = [self.grid_for(img.shape[1:]) for img in images]
+        sequences, coordinates = [], []
+        for img, grid in zip(images, grids):
+            tokens = self.patch_embed(img.unsqueeze(0)).flatten(2).transpose(1, 2)[0]  # n dim
+            if self.pos_embed is not None:
+                tokens = tokens + self.absolute_embedding(grid)[0].to(tokens.dtype)
+            sequences.append(tokens)
+            if self.uses_rotary:
+                positions = self.positions_for(grid, device=img.device)
+                if self.training and self.position_augment:  # one draw per image
+                    positions = augment_positions(positions, **self.position_augment)
+                coordinates.append(positions)
+        mask = self.token_mask(images)  # (b, 1 + N)
+        padded = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)  # b N dim
+        cls = self.cls_token.expand(len(images), -1, -1).to(padded.dtype)
+        tokens = self.pos_drop(torch.cat((cls, padded), dim=1))
+        positions_b: Optional[Tensor] = None
+        if coordinates:
+            positions_b = torch.nn.utils.rnn.pad_sequence(coordinates, batch_first=True)
+        attn_mask = mask[:, None, None, :]  # padded tokens are never attended to
+        for block in self.blocks:
+            tokens = block(tokens, positions_b, attn_mask)
+        return self.norm(tokens)
 
     def rotary_encodings(self) -> list[RotaryEncoding]:
         """The rotary encoding of every block (empty for none/absolute)."""

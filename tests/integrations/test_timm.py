@@ -133,3 +133,21 @@ def test_readme_swap_snippet_runs():
     namespace: dict = {}
     exec(compile(snippet, "README swap snippet", "exec"), namespace)
     assert namespace["logits"].shape[-1] == 10
+
+
+def test_position_augment_applies_in_training_only():
+    model = convert_vit(small_vit(), "liere", position_augment=dict(shift=0.2, jitter=1.3))
+    plain = convert_vit(small_vit(), "liere")
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), plain.eval()(x), atol=0, rtol=0)
+        assert not torch.allclose(model.train()(x), plain.train()(x))
+    with pytest.raises(ValueError, match="position_augment takes shift, jitter and rescale"):
+        convert_vit(small_vit(), "liere", position_augment=dict(flip=1.0))
+
+
+@pytest.mark.parametrize("name", ["comrope-ap", "comrope-ld", "string-cayley"])
+def test_commuting_encodings_swap_in(name):
+    model = convert_vit(small_vit(embed_dim=96, num_heads=3), name, block_size=8)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)

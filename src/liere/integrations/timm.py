@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from ..attention import RotaryAttention
 from ..encodings import RotaryEncoding
-from ..models import make_pos_enc
-from ..positions import grid_positions
+from ..models import ROTARY, make_pos_enc
+from ..positions import augment_positions, grid_positions
 
 __all__ = ["convert_vit", "TimmRotaryAttention"]
 
@@ -33,10 +33,21 @@ __all__ = ["convert_vit", "TimmRotaryAttention"]
 class _GridContext:
     """Shared by a converted model's attentions: the current patch grid and its positions."""
 
-    def __init__(self, reference: tuple[int, ...]) -> None:
+    def __init__(
+        self, reference: tuple[int, ...], augment: Optional[dict[str, Any]] = None
+    ) -> None:
         self.reference = reference
+        self.augment = dict(augment or {})
         self.grid: Optional[tuple[int, ...]] = None
         self._cache: dict[tuple[Any, ...], Tensor] = {}
+        self._draw = False  # augment this forward's positions (training only)
+        self._drawn: Optional[Tensor] = None
+
+    def record(self, grid: tuple[int, ...], training: bool) -> None:
+        """A new forward on ``grid``: one augmentation draw for all its layers, if training."""
+        self.grid = grid
+        self._draw = training and bool(self.augment)
+        self._drawn = None
 
     def positions(self, device: torch.device) -> Tensor:
         if self.grid is None:
@@ -47,12 +58,17 @@ class _GridContext:
         key = (self.grid, device)
         if key not in self._cache:
             self._cache[key] = grid_positions(*self.grid, reference=self.reference, device=device)
-        return self._cache[key]
+        if not self._draw:
+            return self._cache[key]
+        if self._drawn is None or self._drawn.device != device:
+            self._drawn = augment_positions(self._cache[key], **self.augment)
+        return self._drawn
 
     def __getstate__(self) -> dict[str, Any]:
         # the positions are recomputed from the grid: a pickled or saved model carries none
         state = self.__dict__.copy()
         state["_cache"] = {}
+        state["_drawn"] = None
         return state
 
 
@@ -170,17 +186,22 @@ def convert_vit(
     *,
     block_size: int = 8,
     keep_absolute: Optional[bool] = None,
+    position_augment: Optional[dict[str, Any]] = None,
     **pos_enc_kwargs: Any,
 ) -> nn.Module:
     """Give a timm ViT ``RotaryAttention`` with one of liere's encodings, in place.
 
     Args:
         model: a timm ``VisionTransformer`` or ``Eva`` (2D patch grid).
-        pos_enc: ``"liere"``, ``"rope-mixed"``, ``"rope-axial"`` or ``None`` (no rotation:
-            with ``keep_absolute=True`` the converted model computes exactly what it did).
+        pos_enc: ``"liere"``, ``"rope-mixed"``, ``"rope-axial"``, ``"comrope-ap"``,
+            ``"comrope-ld"``, ``"string-cayley"`` or ``None`` (no rotation: with
+            ``keep_absolute=True`` the converted model computes exactly what it did).
         block_size: LieRE block size (``head_dim`` for dense LieRE).
         keep_absolute: keep the learned absolute embedding; default: keep it only when
             ``pos_enc`` is None.
+        position_augment: keyword arguments of ``liere.augment_positions`` (``shift``,
+            ``jitter``, ``rescale``): one draw per forward shared by every layer, in training
+            only; eval sees the plain grid.
         **pos_enc_kwargs: passed to the encoding (e.g. ``num_heads=1`` to share generators
             across heads; per-head is the default).
 
@@ -194,10 +215,15 @@ def convert_vit(
             f"convert_vit expects a timm VisionTransformer or Eva (with .blocks, .patch_embed, "
             f".num_prefix_tokens); got {type(vit).__name__}."
         )
-    if pos_enc is not None and pos_enc not in ("liere", "rope-mixed", "rope-axial"):
+    if pos_enc is not None and pos_enc not in ROTARY:
+        raise ValueError(f"pos_enc must be one of {ROTARY} or None; got {pos_enc!r}.")
+    augment = dict(position_augment or {})
+    if set(augment) - {"shift", "jitter", "rescale"}:
         raise ValueError(
-            f"pos_enc must be 'liere', 'rope-mixed', 'rope-axial' or None; got {pos_enc!r}."
+            f"position_augment takes shift, jitter and rescale (liere.augment_positions); "
+            f"got {sorted(augment)}."
         )
+    augment_positions(grid_positions(2, 2), **augment)  # validates the values
     patch_drop = getattr(vit, "patch_drop", None)
     if pos_enc is not None and float(getattr(patch_drop, "prob", 0.0)) > 0:
         raise ValueError(
@@ -205,7 +231,7 @@ def convert_vit(
             "describes them; create the timm model with patch_drop_rate=0."
         )
     grid = tuple(int(g) for g in patch_embed.grid_size)
-    context = _GridContext(grid)
+    context = _GridContext(grid, augment)
     prefix = int(vit.num_prefix_tokens)
     timm_rope = getattr(vit, "rope", None) is not None
     for block in blocks:
@@ -220,7 +246,7 @@ def convert_vit(
 
     def record_grid(module: nn.Module, args: Any, output: Tensor) -> None:
         # (B, H, W, C) with dynamic_img_size, else (B, N, C) on the fixed grid
-        context.grid = tuple(output.shape[1:3]) if output.dim() == 4 else grid
+        context.record(tuple(output.shape[1:3]) if output.dim() == 4 else grid, vit.training)
 
     patch_embed.register_forward_hook(record_grid)
     if getattr(vit, "rope", None) is not None and pos_enc is not None:
