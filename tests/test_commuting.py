@@ -264,3 +264,46 @@ def test_vit_position_augment_in_training_only():
     assert not torch.allclose(model(x), plain(x))
     with pytest.raises(ValueError, match="position_augment takes shift, jitter and rescale"):
         VisionTransformer(16, 4, 3, dim=32, depth=1, num_heads=2, position_augment=dict(flip=1))
+
+
+# -- Note [commuting eigenbasis] -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["ap", "ld"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per-sample"])
+def test_eigenbasis_path_equals_the_exponential(variant, dtype, per_sample):
+    torch.manual_seed(0)
+    eigen = ComRoPE(16, 2, num_heads=2, block_size=8, variant=variant).to(dtype)
+    exp = ComRoPE(16, 2, num_heads=2, block_size=8, variant=variant).to(dtype)
+    exp.load_state_dict(eigen.state_dict())
+    exp.method = "exp"
+    assert eigen.method == "eigen"
+    pos = (randn(2, 9, 2, seed=1) if per_sample else grid_positions(3, 3)).to(dtype) * 2
+    q, k = randn(2, 2, 10, 16, seed=2, dtype=dtype), randn(2, 2, 10, 16, seed=3, dtype=dtype)
+    upstream = randn(2, 2, 10, 16, seed=4, dtype=dtype)
+    outs, grads = [], []
+    for enc in (eigen, exp):
+        pos_in = pos.clone().requires_grad_()
+        q_out, k_out = enc(q, k, pos_in, num_prefix_tokens=1)
+        ((q_out + 2 * k_out) * upstream).sum().backward()
+        outs.append((q_out.detach(), k_out.detach()))
+        grads.append([p.grad.clone() for p in enc.parameters()] + [pos_in.grad])
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a, b, atol=tol * 10, rtol=0)
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b, atol=tol * 100, rtol=tol * 100)
+
+
+def test_eigenbasis_falls_back_where_eigenvalues_coincide():
+    enc = ComRoPE(16, 2, block_size=8, init_std=0.0)  # S = 0: every eigenvalue is 0
+    pos = grid_positions(3, 3).requires_grad_()
+    q = randn(1, 1, 9, 16, seed=1)
+    q_out, _ = enc(q, q, pos)
+    torch.testing.assert_close(q_out, q)  # the identity
+    q_out.sum().backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in enc.parameters())
+    enc.method = "nope"
+    with pytest.raises(ValueError, match="method must be 'eigen' or 'exp'"):
+        enc(q, q, pos)
