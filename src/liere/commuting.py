@@ -28,7 +28,6 @@ from . import functional as F
 from .encodings import (
     BlockRotaryEncoding,
     MixedRoPE,
-    RotaryEncoding,
     Rotation,
     _as_dtype,
     _check_positive_int,
@@ -39,20 +38,6 @@ from .encodings import (
 __all__ = ["ComRoPE", "CayleySTRING"]
 
 VARIANTS = ("ap", "ld")
-METHODS = ("eigen", "exp")
-
-# Note [commuting eigenbasis]
-# ~~~~~~~~~~~~~~~~~~~~~~~~~~~
-# In ComRoPE every block j turns by exp(t_j(p) S_j) with a scalar t_j(p) (p_{axis(j)} for
-# "ap", sum_a theta[a, j] p_a for "ld") and one fixed skew S_j. A real skew matrix is
-# S = Q blockdiag(w_k [[0, -1], [1, 0]]) Q^T with Q orthogonal, so
-# exp(t S) = Q blockdiag(rot(t w_k)) Q^T: RoPE with angles t_j(p) w_k in the basis Q_j. Q and
-# w come once per forward from eigh of the Hermitian i S (eigenvalues +-w_k; for
-# w_k > 0 the eigenvector v = x + i y gives the plane (sqrt2 x, sqrt2 y), S x = w y). Tokens
-# then cost two s x s products per block and cos/sin, no exponential. eigh's backward divides
-# by eigenvalue gaps, so blocks with nearly equal eigenvalues (S = 0 at init_std=0, or a
-# learned degeneracy) fall back to the exponential (method "exp"), which has no such issue.
-EIGEN_GAP = 1e-3  # smallest eigenvalue gap, relative to max(1, ||S||), for the eigenbasis
 
 
 class ComRoPE(BlockRotaryEncoding):
@@ -127,8 +112,6 @@ class ComRoPE(BlockRotaryEncoding):
         self.num_blocks = blocks
         self.variant = variant
         self.init_std = float(init_std)
-        # "eigen" (Note [commuting eigenbasis]; even block sizes) or "exp" (lie_rotations)
-        self.method = "eigen" if block_size % 2 == 0 else "exp"
         self.exp_method = "auto"
         self.reorthogonalize_above: Optional[float] = F.REORTHOGONALIZE_ABOVE
         entries = block_size * (block_size - 1) // 2
@@ -176,12 +159,6 @@ class ComRoPE(BlockRotaryEncoding):
 
     def _rotations(self, positions: Tensor) -> Rotation:
         skews = self._skews(_as_dtype(self.weight, positions.dtype))
-        if self.method not in METHODS:
-            raise ValueError(f"ComRoPE.method must be 'eigen' or 'exp'; got {self.method!r}.")
-        if self.method == "eigen" and self.block_size % 2 == 0 and not F.is_tracing():
-            eigen = _eigenbasis(skews)
-            if eigen is not None:
-                return self._eigen_rotations(positions, *eigen)
         kwargs: dict[str, Any] = {
             "method": self.exp_method,
             "reorthogonalize_above": self.reorthogonalize_above,
@@ -201,49 +178,6 @@ class ComRoPE(BlockRotaryEncoding):
             for a in range(self.num_axes)
         ]
         return groups[0] if len(groups) == 1 else torch.cat(groups, dim=-3)
-
-    def _block_angles(self, positions: Tensor) -> Tensor:
-        """``t_j(p)`` of every block (Note [commuting eigenbasis]), elementwise (no matmul).
-
-        Shape:
-            positions ``(.., n, a)`` -> ``(.., n, m)``
-        """
-        if self.theta is None:
-            return positions[..., self.axis_of_block()]
-        theta = _as_dtype(self.theta, positions.dtype)
-        return (positions.unsqueeze(-1) * theta).sum(dim=-2)
-
-    def _eigen_rotations(self, positions: Tensor, basis: Tensor, omega: Tensor) -> Rotation:
-        t = self._block_angles(positions)  # (.., n, m)
-        angles = t.unsqueeze(-3).unsqueeze(-1) * omega.unsqueeze(-3)  # (.., h, n, m, s/2)
-        angles = angles.flatten(-2)  # (.., h, n, d/2)
-        return basis, torch.cos(angles), torch.sin(angles)
-
-    def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:
-        if isinstance(rotation, tuple):  # Note [commuting eigenbasis]: Q RoPE(Q^T x)
-            basis, cos, sin = rotation  # basis (h, m, s, s)
-            blocks = x.unflatten(-1, (self.num_blocks, self.block_size))  # b h n m s
-            inner = torch.einsum("hmri,bhnmr->bhnmi", basis, blocks).flatten(-2)
-            turned = F.apply_rope(inner, cos, sin).unflatten(-1, blocks.shape[-2:])
-            return torch.einsum("hmir,bhnmr->bhnmi", basis, turned).flatten(-2)
-        return super()._rotate(x, rotation)
-
-    def _rotate_pair(
-        self, q: Tensor, k: Tensor, rotation: Rotation, num_prefix_tokens: int = 0
-    ) -> tuple[Tensor, Tensor]:
-        if isinstance(rotation, tuple) and rotation[1].dim() == 3:  # shared by the batch
-            p = num_prefix_tokens
-            b = q.shape[0]
-            both = self._rotate(torch.cat((q[:, :, p:], k[:, :, p:])), rotation)
-            if p == 0:
-                return both[:b], both[b:]
-            return (
-                torch.cat((q[:, :, :p], both[:b]), dim=2),
-                torch.cat((k[:, :, :p], both[b:]), dim=2),
-            )
-        if isinstance(rotation, tuple):  # per sample: q and k one after the other
-            return RotaryEncoding._rotate_pair(self, q, k, rotation, num_prefix_tokens)
-        return super()._rotate_pair(q, k, rotation, num_prefix_tokens)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         saved = state_dict.get(prefix + "weight")
@@ -266,28 +200,6 @@ class ComRoPE(BlockRotaryEncoding):
             f"head_dim={self.head_dim}, num_axes={self.num_axes}, num_heads={self.num_heads}, "
             f"block_size={self.block_size}, variant={self.variant!r}"
         )
-
-
-def _eigenbasis(skews: Tensor) -> Optional[tuple[Tensor, Tensor]]:
-    """``(Q, w)`` with ``S = Q blockdiag(w_k [[0, -1], [1, 0]]) Q^T`` for every block (Note
-    [commuting eigenbasis]), or None when two eigenvalues of some block are closer than
-    ``EIGEN_GAP`` (relative): eigh's gradient would blow up there.
-
-    Shape:
-        skews ``(h, m, s, s)`` (s even) -> Q ``(h, m, s, s)``, w ``(h, m, s / 2)``
-    """
-    complex_dtype = torch.complex128 if skews.dtype == torch.float64 else torch.complex64
-    values, vectors = torch.linalg.eigh(skews.to(complex_dtype) * 1j)  # ascending: -w.., w..
-    with torch.no_grad():
-        gaps = values.diff(dim=-1).amin(dim=-1)
-        scale = values.abs().amax(dim=-1).clamp_min(1.0)
-        if not bool((gaps > EIGEN_GAP * scale).all()):
-            return None
-    half = skews.shape[-1] // 2
-    omega = values[..., half:]
-    planes = vectors[..., half:] * math.sqrt(2.0)  # (h, m, s, s/2): x + i y
-    basis = torch.stack((planes.real, planes.imag), dim=-1).flatten(-2)  # columns x1 y1 x2 y2..
-    return basis.to(skews.dtype), omega.to(skews.dtype)
 
 
 class CayleySTRING(MixedRoPE):
