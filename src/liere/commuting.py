@@ -158,26 +158,17 @@ class ComRoPE(BlockRotaryEncoding):
         return mask.view(1, self.num_axes, m, 1, 1) * skews.unsqueeze(1)
 
     def _rotations(self, positions: Tensor) -> Rotation:
+        # LieRE's fast path on the structured bases. Measured, not kept: an eigenbasis path
+        # (RoPE in the basis of each S_j, no per-token exponential) ran 1.41x AxialRoPE against
+        # 1.12x, and one one-axis call per "ap" group 39.7 against 38.8 ms (docs/encodings.md).
         skews = self._skews(_as_dtype(self.weight, positions.dtype))
-        kwargs: dict[str, Any] = {
-            "method": self.exp_method,
-            "reorthogonalize_above": self.reorthogonalize_above,
-        }
-        if self.theta is not None:
-            theta = _as_dtype(self.theta, positions.dtype)
-            return F.lie_rotations(positions, self._bases_from(skews, theta), **kwargs)
-        # ap: each group of blocks is a one-axis LieRE of its own axis (Note [series as a
-        # polynomial in the positions] then needs the monomials of one coordinate only)
-        per_axis = self.num_blocks // self.num_axes
-        groups = [
-            F.lie_rotations(
-                positions[..., a : a + 1],
-                skews[:, a * per_axis : (a + 1) * per_axis].unsqueeze(1),
-                **kwargs,
-            )
-            for a in range(self.num_axes)
-        ]
-        return groups[0] if len(groups) == 1 else torch.cat(groups, dim=-3)
+        theta = None if self.theta is None else _as_dtype(self.theta, positions.dtype)
+        return F.lie_rotations(
+            positions,
+            self._bases_from(skews, theta),
+            method=self.exp_method,
+            reorthogonalize_above=self.reorthogonalize_above,
+        )
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         saved = state_dict.get(prefix + "weight")
