@@ -67,7 +67,7 @@ class ComRoPE(BlockRotaryEncoding):
         init_std: ``S_j = P - P^T`` with ``P ~ N(0, init_std^2)`` entrywise (the official
             code's init, 1.0); ``theta ~ N(0, 1)``.
 
-    Parameters:
+    Learned parameters:
         weight: ``(num_heads, head_dim // block_size, s * (s - 1) // 2)``, the strictly
         upper-triangular entries of every ``S_j``; ``theta`` (ld only): ``(num_axes, blocks)``.
 
@@ -210,7 +210,7 @@ class CayleySTRING(MixedRoPE):
         init_std: ``S``'s upper entries ~ ``N(0, init_std^2)``; 0 starts at ``P = I``
             (RoPE-Mixed).
 
-    Parameters:
+    Learned parameters:
         freqs: ``(num_heads, num_axes, head_dim // 2)`` (RoPE-Mixed's); weight:
         ``(num_heads, d * (d - 1) // 2)``, the strictly upper-triangular entries of ``S``.
 

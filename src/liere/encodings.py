@@ -740,7 +740,7 @@ class LieRE(BlockRotaryEncoding):
             Newton-Schulz step (default 1024, about 4x the training range of dense blocks at
             the paper's init; ``None`` turns it off). See Note [re-orthogonalisation].
 
-    Parameters:
+    Learned parameters:
         weight: ``(num_heads, num_axes, head_dim // block_size, s * (s - 1) // 2)``, the
         strictly upper-triangular entries of every block, row-major.
 
