@@ -127,7 +127,7 @@ def test_errors():
 
 
 def test_readme_swap_snippet_runs():
-    readme = Path(__file__).resolve().parents[2] / "README.md"
+    readme = Path(__file__).resolve().parents[2] / "docs" / "swapping.md"
     blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
     (snippet,) = [b for b in blocks if "convert_vit" in b]
     namespace: dict = {}
