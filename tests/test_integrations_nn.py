@@ -128,3 +128,15 @@ def test_errors():
         model(randn(1, 4, 32))
     with using_positions(model, torch.rand(4, 2)):
         assert model(randn(1, 4, 32)).shape == (1, 4, 32)
+
+
+def test_a_given_encoding_is_copied_into_every_layer():
+    template = LieRE(8, 1, num_heads=4, block_size=4)
+    model = convert_transformer(encoder(), template)
+    encs = [layer.self_attn.attention.pos_enc for layer in model.layers]
+    assert encs[0] is not encs[1] and encs[0] is not template
+    assert torch.equal(encs[0].weight, template.weight)
+    with pytest.raises(
+        ValueError, match="head_dim=16, num_axes=1; this model's layers need head_dim=8"
+    ):
+        convert_transformer(encoder(), LieRE(16, 1))

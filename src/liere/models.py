@@ -6,6 +6,7 @@ paper's official code accidentally reuses layer 0's).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any, Optional, Union
@@ -19,7 +20,7 @@ from .commuting import CayleySTRING, ComRoPE
 from .encodings import AxialRoPE, LieRE, MixedRoPE, RotaryEncoding
 from .positions import augment_positions, grid_positions
 
-__all__ = ["VisionTransformer", "Block", "POS_ENCODINGS", "make_pos_enc"]
+__all__ = ["VisionTransformer", "Block", "POS_ENCODINGS", "make_pos_enc", "layer_encoding"]
 
 POS_ENCODINGS = (
     "none",
@@ -60,6 +61,28 @@ def make_pos_enc(
         kwargs.pop("block_size", None)
         return CayleySTRING(head_dim, num_axes, **kwargs)
     raise ValueError(f"pos_enc must be one of {POS_ENCODINGS}; got {name!r}.")
+
+
+def layer_encoding(
+    pos_enc: Union[str, RotaryEncoding, None], head_dim: int, num_axes: int, **kwargs: Any
+) -> Optional[RotaryEncoding]:
+    """One layer's encoding for the converters: a fresh one from a name (``make_pos_enc``),
+    a deep copy of a given ``RotaryEncoding`` (so every layer gets its own), or None."""
+    if pos_enc is None:
+        return None
+    if isinstance(pos_enc, RotaryEncoding):
+        if pos_enc.head_dim != head_dim or pos_enc.num_axes != num_axes:
+            raise ValueError(
+                f"the given encoding has head_dim={pos_enc.head_dim}, num_axes="
+                f"{pos_enc.num_axes}; this model's layers need head_dim={head_dim}, "
+                f"num_axes={num_axes}."
+            )
+        return copy.deepcopy(pos_enc)
+    if pos_enc not in ROTARY:
+        raise ValueError(
+            f"pos_enc must be one of {ROTARY}, a RotaryEncoding or None; got {pos_enc!r}."
+        )
+    return make_pos_enc(pos_enc, head_dim, num_axes, **kwargs)
 
 
 class Mlp(nn.Module):

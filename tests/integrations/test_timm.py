@@ -151,3 +151,11 @@ def test_position_augment_applies_in_training_only():
 def test_commuting_encodings_swap_in(name):
     model = convert_vit(small_vit(embed_dim=96, num_heads=3), name, block_size=8)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_a_given_encoding_is_copied_into_every_block():
+    template = LieRE(16, 2, num_heads=3, block_size=4)
+    model = convert_vit(small_vit(), template)
+    encs = [block.attn.pos_enc for block in model.blocks]
+    assert encs[0] is not encs[1] and encs[0] is not template
+    assert torch.equal(encs[0].weight, template.weight)

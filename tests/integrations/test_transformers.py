@@ -118,3 +118,11 @@ def test_errors():
         convert_model(torch.nn.Linear(3, 3))
     with pytest.raises(ValueError, match="pos_enc must be one of"):
         convert_model(vit(), "sinusoidal")
+
+
+def test_a_given_encoding_is_copied_into_every_layer():
+    template = LieRE(16, 2, num_heads=3, block_size=4)
+    model = convert_model(vit(), template)
+    encs = [m.pos_enc for m in model.modules() if isinstance(m, HFRotaryAttention)]
+    assert len(encs) == 2 and encs[0] is not encs[1] and encs[0] is not template
+    assert torch.equal(encs[1].weight, template.weight)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from ..attention import RotaryAttention
 from ..encodings import RotaryEncoding
-from ..models import ROTARY, make_pos_enc
+from ..models import ROTARY, layer_encoding
 
 __all__ = ["RotaryMultiheadAttention", "convert_mha", "convert_transformer", "using_positions"]
 
@@ -213,7 +213,7 @@ def _check_mha(mha: nn.MultiheadAttention) -> None:
 
 def convert_mha(
     mha: nn.MultiheadAttention,
-    pos_enc: Optional[Union[str, nn.Module]] = "liere",
+    pos_enc: Union[str, RotaryEncoding, None] = "liere",
     *,
     num_axes: int = 1,
     context_length: int = 512,
@@ -226,7 +226,7 @@ def convert_mha(
     Args:
         mha: a self-attention ``nn.MultiheadAttention`` (kdim == vdim == embed_dim).
         pos_enc: a name (``"liere"``, ``"rope-axial"``, ``"rope-mixed"``, ``"comrope-ap"``,
-            ``"comrope-ld"``, ``"string-cayley"``), a ``RotaryEncoding`` instance, or None
+            ``"comrope-ld"``, ``"string-cayley"``), a ``RotaryEncoding`` (copied), or None
             (no rotation: computes what ``mha`` did).
         num_axes: position axes of a named encoding (1 for sequences).
         context_length: token ``i`` sits at ``i / (context_length - 1)`` unless positions are
@@ -236,16 +236,16 @@ def convert_mha(
     """
     _check_mha(mha)
     head_dim = mha.embed_dim // mha.num_heads
-    enc: Optional[nn.Module]
-    if isinstance(pos_enc, str):
-        if pos_enc not in ROTARY:
-            raise ValueError(f"pos_enc must be one of {ROTARY}, a module or None; got {pos_enc!r}.")
-        kwargs = {"num_heads": mha.num_heads, **pos_enc_kwargs}
-        enc = make_pos_enc(pos_enc, head_dim, num_axes, **kwargs)
+    if isinstance(pos_enc, RotaryEncoding):
+        num_axes = pos_enc.num_axes
+    if isinstance(pos_enc, (str, RotaryEncoding)) or pos_enc is None:
+        enc: Optional[nn.Module] = layer_encoding(
+            pos_enc, head_dim, num_axes, num_heads=mha.num_heads, **pos_enc_kwargs
+        )
     else:
-        enc = pos_enc
-        if isinstance(enc, RotaryEncoding):
-            num_axes = enc.num_axes
+        raise ValueError(
+            f"pos_enc must be one of {ROTARY}, a RotaryEncoding or None; got {pos_enc!r}."
+        )
     weight = mha.in_proj_weight
     attention = RotaryAttention(
         mha.embed_dim,
@@ -276,7 +276,7 @@ def convert_mha(
 
 def convert_transformer(
     model: nn.Module,
-    pos_enc: Optional[str] = "liere",
+    pos_enc: Union[str, RotaryEncoding, None] = "liere",
     *,
     num_axes: int = 1,
     context_length: int = 512,

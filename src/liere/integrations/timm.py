@@ -17,14 +17,14 @@ the learned absolute embedding too (the paper compares encodings, not their sum)
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..attention import RotaryAttention
 from ..encodings import RotaryEncoding
-from ..models import ROTARY, make_pos_enc
+from ..models import ROTARY, layer_encoding
 from ..positions import augment_positions, grid_positions
 
 __all__ = ["convert_vit", "TimmRotaryAttention"]
@@ -182,7 +182,7 @@ def _convert_attention(
 
 def convert_vit(
     model: nn.Module,
-    pos_enc: Optional[str] = "liere",
+    pos_enc: Union[str, RotaryEncoding, None] = "liere",
     *,
     block_size: int = 8,
     keep_absolute: Optional[bool] = None,
@@ -194,7 +194,8 @@ def convert_vit(
     Args:
         model: a timm ``VisionTransformer`` or ``Eva`` (2D patch grid).
         pos_enc: ``"liere"``, ``"rope-mixed"``, ``"rope-axial"``, ``"comrope-ap"``,
-            ``"comrope-ld"``, ``"string-cayley"`` or ``None`` (no rotation: with
+            ``"comrope-ld"``, ``"string-cayley"``, a ``RotaryEncoding`` (each block gets a
+            copy) or ``None`` (no rotation: with
             ``keep_absolute=True`` the converted model computes exactly what it did).
         block_size: LieRE block size (``head_dim`` for dense LieRE).
         keep_absolute: keep the learned absolute embedding; default: keep it only when
@@ -215,8 +216,10 @@ def convert_vit(
             f"convert_vit expects a timm VisionTransformer or Eva (with .blocks, .patch_embed, "
             f".num_prefix_tokens); got {type(vit).__name__}."
         )
-    if pos_enc is not None and pos_enc not in ROTARY:
-        raise ValueError(f"pos_enc must be one of {ROTARY} or None; got {pos_enc!r}.")
+    if isinstance(pos_enc, str) and pos_enc not in ROTARY:
+        raise ValueError(
+            f"pos_enc must be one of {ROTARY}, a RotaryEncoding or None; got {pos_enc!r}."
+        )
     augment = dict(position_augment or {})
     if set(augment) - {"shift", "jitter", "rescale"}:
         raise ValueError(
@@ -239,7 +242,7 @@ def convert_vit(
         enc: Optional[nn.Module] = None
         if pos_enc is not None:
             kwargs = {"num_heads": attn.num_heads, "block_size": block_size, **pos_enc_kwargs}
-            enc = make_pos_enc(pos_enc, attn.head_dim, len(grid), **kwargs)
+            enc = layer_encoding(pos_enc, attn.head_dim, len(grid), **kwargs)
         elif timm_rope:
             enc = _TimmRope(bool(getattr(attn, "rotate_half", False)))
         block.attn = _convert_attention(attn, enc, prefix, context)
@@ -254,5 +257,5 @@ def convert_vit(
     keep = (pos_enc is None) if keep_absolute is None else keep_absolute
     if not keep and getattr(vit, "pos_embed", None) is not None:
         vit.pos_embed = None
-    vit.liere_pos_enc = pos_enc
+    vit.liere_pos_enc = pos_enc if pos_enc is None or isinstance(pos_enc, str) else "module"
     return model

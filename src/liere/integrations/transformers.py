@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..models import ROTARY, make_pos_enc
+from ..encodings import RotaryEncoding
+from ..models import ROTARY, layer_encoding
 from ..positions import augment_positions, grid_positions
 
 __all__ = ["HFRotaryAttention", "convert_model"]
@@ -140,7 +141,7 @@ def _pair(value: Any) -> tuple[int, int]:
 
 def convert_model(
     model: nn.Module,
-    pos_enc: Optional[str] = "liere",
+    pos_enc: Union[str, RotaryEncoding, None] = "liere",
     *,
     block_size: int = 8,
     position_augment: Optional[dict[str, float]] = None,
@@ -162,8 +163,10 @@ def convert_model(
 
     Returns ``model``.
     """
-    if pos_enc is not None and pos_enc not in ROTARY:
-        raise ValueError(f"pos_enc must be one of {ROTARY} or None; got {pos_enc!r}.")
+    if isinstance(pos_enc, str) and pos_enc not in ROTARY:
+        raise ValueError(
+            f"pos_enc must be one of {ROTARY}, a RotaryEncoding or None; got {pos_enc!r}."
+        )
     backbone: Any = _backbone(model)
     config = backbone.config
     kind = type(backbone).__name__
@@ -192,13 +195,11 @@ def convert_model(
     if not targets:
         raise ValueError(f"convert_model found no q/k/v/o attention in this {kind}.")
     for parent, name, attention in targets:  # one encoding per layer
-        enc = None
-        if pos_enc is not None:
-            heads = config.num_attention_heads
-            kwargs = {"num_heads": heads, "block_size": block_size, **pos_enc_kwargs}
-            enc = make_pos_enc(pos_enc, attention.head_dim, 2, **kwargs)
-            if enc is not None:
-                enc.to(device=attention.q_proj.weight.device)
+        heads = config.num_attention_heads
+        kwargs = {"num_heads": heads, "block_size": block_size, **pos_enc_kwargs}
+        enc = layer_encoding(pos_enc, attention.head_dim, 2, **kwargs)
+        if enc is not None:
+            enc.to(device=attention.q_proj.weight.device)
         setattr(parent, name, HFRotaryAttention(attention, enc, prefix, grid))
 
     def record(module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -215,5 +216,5 @@ def convert_model(
         backbone.embeddings.position_embeddings = nn.Parameter(
             torch.zeros_like(table), requires_grad=False
         )
-    backbone.liere_pos_enc = pos_enc
+    backbone.liere_pos_enc = pos_enc if pos_enc is None or isinstance(pos_enc, str) else "module"
     return model
