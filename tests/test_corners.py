@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import randn
+from conftest import assert_fast_matches_reference, randn
 
 import liere
 from liere import AxialRoPE, LieRE, MixedRoPE, RotaryAttention, grid_positions
@@ -192,23 +192,10 @@ def test_kv_cache_decoding_matches_full_causal_attention(name):
 @pytest.mark.parametrize("tokens, axes, per_sample", [(1, 1, False), (3, 2, False), (2, 3, True)])
 def test_few_token_path_matches_the_reference(block, tokens, axes, per_sample):
     torch.manual_seed(0)
-    fast = LieRE(16, axes, num_heads=2, block_size=block)
-    ref = LieRE(16, axes, num_heads=2, block_size=block)
-    ref.load_state_dict(fast.state_dict())
-    ref.exp_method = "matrix_exp"
     q, k = randn(2, 2, tokens, 16, seed=1), randn(2, 2, tokens, 16, seed=2)
     pos = randn(2, tokens, axes, seed=3) if per_sample else randn(tokens, axes, seed=3)
     assert pos.shape[:-1].numel() <= F.FEW_TOKENS
-    upstream = randn(2, 2, tokens, 16, seed=4)
-    outs, grads = [], []
-    for enc in (fast, ref):
-        q_out, k_out = enc(q, k, pos)
-        ((q_out + 2 * k_out) * upstream).sum().backward()
-        outs.append(q_out.detach())
-        grads.append(enc.weight.grad.clone())
-    scale = fast.generator_norm(pos)
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-6 * max(1.0, scale), rtol=0)
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-5 * max(1.0, scale), rtol=1e-4)
+    assert_fast_matches_reference(axes, block, q, k, pos, randn(2, 2, tokens, 16, seed=4))
 
 
 def test_few_token_path_gradcheck_float64():

@@ -3,7 +3,7 @@ cached implicitly, and freeze() reuses rotations only for its own positions."""
 
 import pytest
 import torch
-from conftest import randn
+from conftest import assert_fast_matches_reference, randn
 
 from liere import AxialRoPE, LieRE, MixedRoPE, grid_positions
 from liere import functional as F
@@ -47,22 +47,9 @@ def test_lie_rotations_float64_path():
 @pytest.mark.parametrize("block", [4, 8])
 def test_fast_and_reference_paths_agree_in_values_and_gradients(block):
     torch.manual_seed(0)
-    fast = LieRE(16, 2, num_heads=2, block_size=block)
-    ref = LieRE(16, 2, num_heads=2, block_size=block)
-    ref.load_state_dict(fast.state_dict())
-    ref.exp_method = "matrix_exp"
     q, k = randn(2, 2, 16, 16, seed=1), randn(2, 2, 16, 16, seed=2)
     positions = grid_positions(4, 4) * 2
-    upstream = randn(2, 2, 16, 16, seed=3)
-    outs, grads = [], []
-    for enc in (fast, ref):
-        q_out, k_out = enc(q, k, positions)
-        ((q_out + 2 * k_out) * upstream).sum().backward()
-        outs.append(q_out.detach())
-        grads.append(enc.weight.grad.clone())
-    scale = fast.generator_norm(positions)
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-6 * scale, rtol=0)
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-5 * scale, rtol=1e-4)
+    assert_fast_matches_reference(2, block, q, k, positions, randn(2, 2, 16, 16, seed=3))
 
 
 def test_squarings_for():
