@@ -123,3 +123,59 @@ def test_errors():
         model(randn(1, 1, 18, 16))
     with pytest.raises(ValueError, match=r"x must have shape \(batch, 1, \*spatial\)"):
         model(randn(1, 3, 16, 16))
+
+
+def test_grid_scaling_extends_or_rescales_larger_grids():
+    model = VisionTransformer(16, 4, 3, dim=32, depth=1, num_heads=2, pos_enc="liere")
+    extended = model.positions_for((8, 8))
+    assert extended.max().item() == pytest.approx(7 / 3)  # training spacing 1/3
+    model.grid_scaling = "rescale"
+    rescaled = model.positions_for((8, 8))
+    assert rescaled.min().item() == 0 and rescaled.max().item() == 1
+    assert torch.equal(
+        model.positions_for((4, 4)),
+        extended[:16].new_tensor([[r / 3, c / 3] for r in range(4) for c in range(4)]),
+    )
+    # the two conventions agree on the training grid and differ elsewhere
+    x = torch.rand(2, 3, 32, 32)
+    model.eval()
+    out_rescaled = model(x)
+    model.grid_scaling = "extend"
+    assert not torch.allclose(model(x), out_rescaled)
+    with pytest.raises(ValueError, match="grid_scaling must be 'extend'"):
+        VisionTransformer(16, 4, 3, grid_scaling="stretch")
+    model.grid_scaling = "stretch"
+    with pytest.raises(ValueError, match="got 'stretch'"):
+        model(x)
+
+
+@pytest.mark.parametrize("pos_enc", ["rope-axial", "rope-mixed", "comrope-ap"])
+def test_mean_pool_makes_exactly_relative_encodings_blind_to_absolute_position(pos_enc):
+    # move every token's coordinates by the same offset: with mean pooling every score of an
+    # exactly relative encoding depends on offsets only, so the logits stay put; a CLS token
+    # (unrotated query, rotated keys) sees where the tokens are
+    x = randn(2, 1, 24, 24, seed=3)
+    moved = {}
+    for pool in ("mean", "cls"):
+        torch.manual_seed(0)
+        model = VisionTransformer(
+            24, 4, 3, in_channels=1, dim=32, depth=2, num_heads=2, pos_enc=pos_enc, pool=pool
+        ).eval()
+        with torch.no_grad():
+            before = model(x)
+            plain = model.positions_for
+            model.positions_for = lambda grid, device=None, plain=plain: plain(grid, device) + 2.5
+            moved[pool] = (model(x) - before).abs().max().item()
+    assert moved["mean"] < 2e-6, moved
+    assert moved["cls"] > 100 * moved["mean"] and moved["cls"] > 2e-5, moved
+
+
+def test_mean_pool_has_no_cls_token_and_checks_its_argument():
+    model = VisionTransformer(16, 4, 5, dim=32, depth=1, num_heads=2, pool="mean")
+    assert model.cls_token is None and model.num_prefix_tokens == 0
+    assert "cls_token" not in model.state_dict()
+    assert model.forward_features(randn(2, 3, 16, 16)).shape == (2, 16, 32)
+    assert model(randn(2, 3, 16, 16)).shape == (2, 5)
+    assert "pool='mean'" in repr(model)
+    with pytest.raises(ValueError, match="pool must be 'cls'.*got 'max'"):
+        VisionTransformer(16, 4, 5, pool="max")

@@ -11,6 +11,7 @@ from liere.tasks import (
     balanced_labels,
     mnist_digits,
     moving_digits,
+    relative_direction,
     resize,
     shuffle_patches,
 )
@@ -25,10 +26,11 @@ def test_balanced_labels():
     "make",
     [
         lambda seed: arrow_spatial(40, seed=seed),
+        lambda seed: relative_direction(40, seed=seed),
         lambda seed: moving_digits("train", 40, seed=seed),
         lambda seed: mnist_digits("train", seed=seed),
     ],
-    ids=["spatial", "video", "mnist"],
+    ids=["spatial", "relational", "video", "mnist"],
 )
 def test_deterministic_by_seed_and_balanced(make):
     a, b, c = make(0), make(0), make(1)
@@ -89,6 +91,64 @@ def test_spatial_label_is_quadrant_of_the_only_arrow_pointing_at_target(grid):
         assert label == 2 * (r >= half) + (c >= half)
         assert sum(kind == "arrow" for kind, _ in board.values()) == 5
         assert sum(kind == "letter" for kind, _ in board.values()) == 3
+
+
+# the relational task's glyphs as its docstring describes them: a ringed square and a plus
+RING = np.ones((5, 5), dtype=np.float32)
+RING[1:4, 1:4] = 0
+RING[2, 2] = 1
+PLUS = np.zeros((5, 5), dtype=np.float32)
+PLUS[2, :] = 1
+PLUS[:, 2] = 1
+
+
+@pytest.mark.parametrize("grid", [8, 12, 16])
+def test_relational_label_is_the_dominant_direction_from_anchor_to_probe(grid):
+    data = relative_direction(200, grid=grid, noise=0.0, seed=4)
+    assert data.inputs.shape == (200, 1, GLYPH * grid, GLYPH * grid)
+    offsets = set()
+    for image, label in zip(data.inputs[:, 0].numpy(), data.labels.tolist()):
+        cells = {
+            (r, c): image[r * GLYPH : (r + 1) * GLYPH, c * GLYPH : (c + 1) * GLYPH]
+            for r in range(grid)
+            for c in range(grid)
+        }
+        (anchor,) = [k for k, v in cells.items() if np.array_equal(v, RING)]
+        (probe,) = [k for k, v in cells.items() if np.array_equal(v, PLUS)]
+        others = [k for k, v in cells.items() if v.any() and k not in (anchor, probe)]
+        assert len(others) == 4
+        dr, dc = probe[0] - anchor[0], probe[1] - anchor[1]
+        assert 1 <= max(abs(dr), abs(dc)) <= 3 and abs(dr) != abs(dc)
+        if abs(dc) > abs(dr):
+            expected = 0 if dc > 0 else 2
+        else:
+            expected = 3 if dr > 0 else 1
+        assert label == expected
+        offsets.add((dr, dc))
+    # the same offsets at every size: 4 directions x (1 + 3 + 5) offsets each
+    assert len(offsets) == 36 if grid >= 12 else len(offsets) > 30
+
+
+def test_relational_pairs_sit_anywhere_on_larger_boards():
+    data = relative_direction(400, grid=16, noise=0.0, seed=5)
+    ring_rows = []
+    for image in data.inputs[:, 0].numpy():
+        for r in range(16):
+            for c in range(16):
+                if np.array_equal(
+                    image[r * GLYPH : (r + 1) * GLYPH, c * GLYPH : (c + 1) * GLYPH], RING
+                ):
+                    ring_rows.append(r)
+    assert min(ring_rows) == 0 and max(ring_rows) == 15
+
+
+def test_relational_errors():
+    with pytest.raises(ValueError, match="max_offset must be >= 1"):
+        relative_direction(4, max_offset=0)
+    with pytest.raises(ValueError, match="at least max_offset"):
+        relative_direction(4, grid=3, max_offset=3)
+    with pytest.raises(ValueError, match="too many items"):
+        relative_direction(4, grid=4, letters=20)
 
 
 def test_spatial_errors():
@@ -171,3 +231,23 @@ def test_training_loop_learns_and_repeats_exactly():
     assert 0.0 <= evaluate(model, data.inputs, data.labels) <= 1.0
     with pytest.raises(ValueError, match="empty"):
         evaluate(model, data.inputs[:0], data.labels[:0])
+
+
+def test_on_step_sees_every_step_and_leaves_training_unchanged():
+    data = arrow_spatial(96, grid=4, distractor_arrows=1, letters=1, seed=0)
+    runs = []
+    for hook in (False, True):
+        torch.manual_seed(0)
+        model = VisionTransformer(20, 5, 4, in_channels=1, dim=16, depth=1, num_heads=2)
+        calls = []
+
+        def on_step(step, total, model=model, calls=calls):
+            calls.append((step, total, model.training))
+            evaluate(model, data.inputs[:8], data.labels[:8])  # switches to eval and back
+
+        config = TrainConfig(epochs=2, batch_size=32, seed=0)
+        losses = train(model, data, config, on_step=on_step if hook else None)
+        runs.append((losses, [p.detach().clone() for p in model.parameters()], calls))
+    assert runs[1][2] == [(s, 6, True) for s in range(1, 7)]
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))

@@ -9,12 +9,15 @@ from conftest import randn
 from liere.models import VisionTransformer
 
 
+@pytest.mark.parametrize("pool", ["cls", "mean"])
 @pytest.mark.parametrize(
     "pos_enc", ["liere", "absolute", "rope-axial", "rope-mixed", "comrope-ap", "string-cayley"]
 )
-def test_each_image_matches_running_it_alone(pos_enc):
+def test_each_image_matches_running_it_alone(pos_enc, pool):
     torch.manual_seed(0)
-    model = VisionTransformer(16, 4, 5, dim=32, depth=2, num_heads=2, pos_enc=pos_enc, block_size=4)
+    model = VisionTransformer(
+        16, 4, 5, dim=32, depth=2, num_heads=2, pos_enc=pos_enc, block_size=4, pool=pool
+    )
     model.eval()
     images = [randn(3, 16, 16, seed=1), randn(3, 24, 32, seed=2), randn(3, 8, 12, seed=3)]
     with torch.no_grad():
@@ -54,6 +57,9 @@ def test_token_mask_marks_the_padding():
     assert mask[0].all() and mask[1, :5].all() and not mask[1, 5:].any()
     features = model.forward_features([randn(3, 16, 16), randn(3, 8, 8)])
     assert features.shape == (2, 17, 32)
+    mean_pooled = VisionTransformer(16, 4, 5, dim=32, depth=1, num_heads=2, pool="mean")
+    mask = mean_pooled.token_mask([randn(3, 16, 16), randn(3, 8, 8)])
+    assert mask.shape == (2, 16) and mask[1, :4].all() and not mask[1, 4:].any()
 
 
 def test_list_input_errors():

@@ -65,8 +65,13 @@ def train(
     *,
     device: Optional[torch.device] = None,
     progress: Optional[Callable[[Iterable[Any]], Iterable[Any]]] = None,
+    on_step: Optional[Callable[[int, int], None]] = None,
 ) -> list[float]:
     """Train ``model`` on ``data``; returns the mean training loss of every epoch.
+
+    ``on_step(step, total)`` is called after every optimizer step (``step`` counts from 1 to
+    ``total``), e.g. to evaluate a learning curve; the model is back in training mode
+    afterwards.
 
     The batch order is a function of ``config.seed`` and the epoch only, so runs repeat
     exactly on the same machine. Under torch.distributed each rank takes every
@@ -124,6 +129,9 @@ def train(
             total_loss += float(loss.detach()) * len(idx)
             seen += len(idx)
             step += 1
+            if on_step is not None:
+                on_step(step, total)
+                model.train()
         losses.append(total_loss / max(1, seen))
     return losses
 

@@ -152,13 +152,25 @@ def _tuple(value: Union[int, Sequence[int]], name: str) -> tuple[int, ...]:
     return values
 
 
+GRID_SCALINGS = ("extend", "rescale")
+
+
+def _check_grid_scaling(value: str) -> None:
+    if value not in GRID_SCALINGS:
+        raise ValueError(
+            f"grid_scaling must be 'extend' (keep the training grid's spacing) or 'rescale' "
+            f"(every grid on [0, 1]); got {value!r}."
+        )
+
+
 class VisionTransformer(nn.Module):
-    """ViT with a CLS token and pre-norm blocks; 2D images or 3D volumes/clips.
+    """ViT with pre-norm blocks and a CLS token (or mean pooling); 2D images or 3D volumes/clips.
 
     Positions are ``grid_positions(*grid, reference=training_grid)``: each axis spans [0, 1]
     at ``image_size // patch_size`` and extends proportionally for larger inputs (the paper's
-    convention). The ``"absolute"`` embedding is learned at the training grid and resized
-    (bilinear / trilinear) for other grids.
+    convention, ``grid_scaling="extend"``); ``grid_scaling="rescale"`` puts every grid on
+    [0, 1] instead (the spacing shrinks on larger grids). The ``"absolute"`` embedding is
+    learned at the training grid and resized (bilinear / trilinear) for other grids.
 
     Args:
         image_size, patch_size: int (square image) or 2-tuple ``(H, W)`` or 3-tuple
@@ -175,6 +187,15 @@ class VisionTransformer(nn.Module):
         pos_enc_kwargs: extra keyword arguments for the encoding (e.g. ``num_heads=1`` to share
             LieRE generators across heads, ``max_freq`` for RoPE).
         drop_rate, attn_drop_rate: dropout.
+        pool: ``"cls"`` (default: a CLS token, left unrotated, read out) or ``"mean"`` (no CLS
+            token; the mean of the final tokens). With ``"cls"`` the CLS query meets
+            rotated keys, so even an exactly relative encoding gives the read-out a view of
+            absolute positions; with ``"mean"`` every attention score of an exactly
+            relative encoding depends on offsets only.
+        grid_scaling: ``"extend"`` (default) or ``"rescale"``: the rotary encodings'
+            coordinates on grids other than the training grid (see above). An attribute, so
+            one trained model can be evaluated both ways. The absolute embedding is always
+            resized to the grid.
 
     Shape:
         x ``(b, in_channels, *spatial)`` with ``len(spatial) == len(image_size)`` and each
@@ -199,8 +220,17 @@ class VisionTransformer(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         position_augment: Optional[dict[str, Any]] = None,
+        grid_scaling: str = "extend",
+        pool: str = "cls",
     ) -> None:
         super().__init__()
+        if pool not in ("cls", "mean"):
+            raise ValueError(
+                f"pool must be 'cls' (a CLS token) or 'mean' (average of the tokens); got {pool!r}."
+            )
+        self.pool = pool
+        _check_grid_scaling(grid_scaling)
+        self.grid_scaling = grid_scaling
         if pos_enc not in POS_ENCODINGS:
             raise ValueError(f"pos_enc must be one of {POS_ENCODINGS}; got {pos_enc!r}.")
         image = _tuple(image_size, "image_size")
@@ -231,12 +261,14 @@ class VisionTransformer(nn.Module):
         self.dim = dim
         self.num_classes = num_classes
         self.pos_enc = pos_enc
-        self.num_prefix_tokens = 1
+        self.num_prefix_tokens = 1 if pool == "cls" else 0
         head_dim = dim // num_heads
 
         conv = nn.Conv2d if self.num_axes == 2 else nn.Conv3d
         self.patch_embed = conv(in_channels, dim, kernel_size=patch, stride=patch)  # type: ignore[arg-type]
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_token: Optional[nn.Parameter] = None
+        if pool == "cls":
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed: Optional[nn.Parameter] = None
         if pos_enc == "absolute":
             self.pos_embed = nn.Parameter(torch.zeros(1, math.prod(self.grid_size), dim))
@@ -274,7 +306,8 @@ class VisionTransformer(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.cls_token is not None:
+            nn.init.trunc_normal_(self.cls_token, std=0.02)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for module in self.modules():
@@ -304,7 +337,9 @@ class VisionTransformer(nn.Module):
         Shape:
             ``(prod(grid), num_axes)``
         """
-        return grid_positions(*grid, reference=self.grid_size, device=device)
+        _check_grid_scaling(self.grid_scaling)
+        reference = self.grid_size if self.grid_scaling == "extend" else None
+        return grid_positions(*grid, reference=reference, device=device)
 
     def absolute_embedding(self, grid: Sequence[int]) -> Tensor:
         """The learned absolute embedding, resized to ``grid`` when it differs.
@@ -322,7 +357,7 @@ class VisionTransformer(nn.Module):
         return table.movedim(1, -1).reshape(1, math.prod(grid), self.dim)
 
     def forward_features(self, x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
-        """Tokens after the last block and norm (CLS first).
+        """Tokens after the last block and norm (CLS first, when ``pool="cls"``).
 
         ``x`` may be a list of images of different sizes (variable resolution): each is
         embedded at its own grid with its own positions, tokens are padded to the longest
@@ -330,8 +365,9 @@ class VisionTransformer(nn.Module):
         their own outputs are meaningless (see ``token_mask``).
 
         Shape:
-            x ``(b, c, *spatial)`` -> ``(b, 1 + prod(grid), dim)``; or a list of ``b`` tensors
-            ``(c, *spatial_i)`` -> ``(b, 1 + max_i prod(grid_i), dim)``
+            x ``(b, c, *spatial)`` -> ``(b, P + prod(grid), dim)``; or a list of ``b`` tensors
+            ``(c, *spatial_i)`` -> ``(b, P + max_i prod(grid_i), dim)``, with ``P`` the
+            ``num_prefix_tokens`` (1 with a CLS token, else 0)
         """
         if not isinstance(x, Tensor):
             return self._forward_variable(list(x))
@@ -343,8 +379,10 @@ class VisionTransformer(nn.Module):
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # b n dim
         if self.pos_embed is not None:
             tokens = tokens + self.absolute_embedding(grid).to(tokens.dtype)
-        cls = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
-        tokens = self.pos_drop(torch.cat((cls, tokens), dim=1))
+        if self.cls_token is not None:
+            cls = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
+            tokens = torch.cat((cls, tokens), dim=1)
+        tokens = self.pos_drop(tokens)
         positions = self.positions_for(grid, device=x.device) if self.uses_rotary else None
         if positions is not None and self.training and self.position_augment:
             positions = augment_positions(positions, **self.position_augment)
@@ -353,20 +391,26 @@ class VisionTransformer(nn.Module):
         return self.norm(tokens)
 
     def forward(self, x: Union[Tensor, Sequence[Tensor]]) -> Tensor:
-        return self.head(self.forward_features(x)[:, 0])
+        features = self.forward_features(x)
+        if self.pool == "cls":
+            return self.head(features[:, 0])
+        if isinstance(x, Tensor):
+            return self.head(features.mean(dim=1))
+        mask = self.token_mask(list(x)).unsqueeze(-1).to(features.dtype)
+        return self.head((features * mask).sum(dim=1) / mask.sum(dim=1))
 
     def token_mask(self, images: Sequence[Tensor]) -> Tensor:
         """Which tokens of ``forward_features(images)`` are real (CLS included) and which are
         padding, for a list of images of different sizes.
 
         Shape:
-            ``(b, 1 + max_i prod(grid_i))`` (bool)
+            ``(b, P + max_i prod(grid_i))`` (bool), ``P`` the ``num_prefix_tokens``
         """
-        counts = [math.prod(self.grid_for(img.shape[1:])) for img in images]
-        longest = max(counts)
+        prefix = self.num_prefix_tokens
+        counts = [prefix + math.prod(self.grid_for(img.shape[1:])) for img in images]
         device = images[0].device
-        index = torch.arange(1 + longest, device=device)
-        return index.unsqueeze(0) <= torch.tensor(counts, device=device).unsqueeze(1)
+        index = torch.arange(max(counts), device=device)
+        return index.unsqueeze(0) < torch.tensor(counts, device=device).unsqueeze(1)
 
     def _forward_variable(self, images: Sequence[Tensor]) -> Tensor:
         if len(images) == 0:
@@ -395,10 +439,12 @@ class VisionTransformer(nn.Module):
                 if self.training and self.position_augment:  # one draw per image
                     positions = augment_positions(positions, **self.position_augment)
                 coordinates.append(positions)
-        mask = self.token_mask(images)  # (b, 1 + N)
-        padded = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)  # b N dim
-        cls = self.cls_token.expand(len(images), -1, -1).to(padded.dtype)
-        tokens = self.pos_drop(torch.cat((cls, padded), dim=1))
+        mask = self.token_mask(images)  # (b, P + N)
+        tokens = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)  # b N dim
+        if self.cls_token is not None:
+            cls = self.cls_token.expand(len(images), -1, -1).to(tokens.dtype)
+            tokens = torch.cat((cls, tokens), dim=1)
+        tokens = self.pos_drop(tokens)
         positions_b: Optional[Tensor] = None
         if coordinates:
             positions_b = torch.nn.utils.rnn.pad_sequence(coordinates, batch_first=True)
@@ -416,7 +462,8 @@ class VisionTransformer(nn.Module):
         """Precompute every block's rotations for inputs of one patch grid (default: the
         training grid), for inference and export (ONNX has no matrix-exponential operator).
         Inputs of other sizes still work, computing their rotations as usual."""
-        positions = self.positions_for(grid or self.grid_size, device=self.cls_token.device)
+        device = self.patch_embed.weight.device
+        positions = self.positions_for(grid or self.grid_size, device=device)
         for enc in self.rotary_encodings():
             enc.freeze(positions)
         return self
@@ -429,5 +476,5 @@ class VisionTransformer(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"image_size={self.image_size}, patch_size={self.patch_size}, "
-            f"grid={self.grid_size}, pos_enc={self.pos_enc!r}"
+            f"grid={self.grid_size}, pos_enc={self.pos_enc!r}, pool={self.pool!r}"
         )

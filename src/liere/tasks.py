@@ -9,6 +9,7 @@ task               input                   classes  needs position?
 =================  ======================  =======  =====================================
 ``mnist_digits``   ``(1, 24, 24)`` digits  10       helps (shape from the patch layout)
 ``arrow_spatial``  ``(1, 40, 40)`` board   4        yes: which arrow points at the target
+``relative_direction`` ``(1, 40, 40)`` board 4      yes: where the probe lies from the anchor
 ``moving_digits``  ``(1, 8, 16, 16)`` clip 4        yes: motion direction over frames
 =================  ======================  =======  =====================================
 """
@@ -28,6 +29,7 @@ __all__ = [
     "TaskData",
     "mnist_digits",
     "arrow_spatial",
+    "relative_direction",
     "moving_digits",
     "resize",
     "shuffle_patches",
@@ -234,6 +236,81 @@ def arrow_spatial(
                 continue
             board[cell] = _ARROWS[direction]
             placed += 1
+        placed = 0
+        while placed < letters:
+            cell = (int(rng.integers(grid)), int(rng.integers(grid)))
+            if cell in board:
+                continue
+            board[cell] = _LETTERS[int(rng.integers(len(_LETTERS)))]
+            placed += 1
+        for (r, c), glyph in board.items():
+            images[i, r * GLYPH : (r + 1) * GLYPH, c * GLYPH : (c + 1) * GLYPH] = glyph
+    if noise > 0:
+        images += noise * rng.standard_normal(images.shape).astype(np.float32)
+    x = torch.from_numpy(np.clip(images, 0.0, 1.0)).unsqueeze(1)
+    return TaskData(x, torch.from_numpy(labels.astype(np.int64)), 4)
+
+
+_PROBE = np.array(
+    [
+        [0, 0, 1, 0, 0],
+        [0, 0, 1, 0, 0],
+        [1, 1, 1, 1, 1],
+        [0, 0, 1, 0, 0],
+        [0, 0, 1, 0, 0],
+    ],
+    dtype=np.float32,
+)
+
+
+def relative_direction(
+    count: int,
+    *,
+    grid: int = 8,
+    max_offset: int = 3,
+    letters: int = 4,
+    noise: float = 0.05,
+    seed: int = 0,
+) -> TaskData:
+    """Where does the probe lie from the anchor? A purely relational label.
+
+    A ``grid x grid`` board of 5x5-pixel cells holds one anchor (the ringed square of
+    ``arrow_spatial``), one probe (a plus sign) and ``letters`` distractor letters (X, Y, O),
+    anywhere else. The probe sits at ``(d_row, d_col)`` from the anchor, with the larger of
+    ``|d_row|``, ``|d_col|`` between 1 and ``max_offset`` and strictly larger than the other.
+    The label is the dominant direction: 0 right, 1 up, 2 left, 3 down, balanced.
+
+    The label depends on the offset only, never on where the pair sits, and the offsets are
+    drawn from the same set at every ``grid``: a larger board changes nothing that decides it
+    (only more empty cells). A model that reads relative positions correctly should keep its
+    accuracy on larger boards when positions keep the training spacing. Patch contents alone
+    give chance, 25%. Use patch size 5 so one cell is one token.
+
+    Shape:
+        inputs ``(count, 1, 5 * grid, 5 * grid)``
+    """
+    if max_offset < 1:
+        raise ValueError(f"max_offset must be >= 1; got {max_offset}.")
+    if grid < max_offset + 1:
+        raise ValueError(
+            f"grid must be at least max_offset + 1 = {max_offset + 1} to fit the offset; "
+            f"got grid={grid}."
+        )
+    if 2 + letters > grid * grid:
+        raise ValueError(f"too many items for a {grid}x{grid} board.")
+    rng = np.random.default_rng(seed)
+    labels = balanced_labels(count, 4, rng)
+    images = np.zeros((count, grid * GLYPH, grid * GLYPH), dtype=np.float32)
+    for i, direction in enumerate(labels):
+        main = int(rng.integers(1, max_offset + 1))
+        side = int(rng.integers(-(main - 1), main))  # |side| < main
+        dr, dc = _DIRECTIONS[direction]
+        offset = (dr * main + (side if dr == 0 else 0), dc * main + (side if dc == 0 else 0))
+        rows = range(max(0, -offset[0]), min(grid, grid - offset[0]))
+        cols = range(max(0, -offset[1]), min(grid, grid - offset[1]))
+        anchor = (int(rng.choice(rows)), int(rng.choice(cols)))
+        probe = (anchor[0] + offset[0], anchor[1] + offset[1])
+        board = {anchor: _TARGET, probe: _PROBE}
         placed = 0
         while placed < letters:
             cell = (int(rng.integers(grid)), int(rng.integers(grid)))
