@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from . import ops
 from .encodings import (
     BlockRotaryEncoding,
     MixedRoPE,
@@ -34,6 +35,7 @@ from .encodings import (
     _device_of,
     _rope_generators,
 )
+from .precision import exact_dtype
 
 __all__ = ["ComRoPE", "CayleySTRING"]
 
@@ -163,7 +165,7 @@ class ComRoPE(BlockRotaryEncoding):
         # 1.12x, and one one-axis call per "ap" group 39.7 against 38.8 ms (docs/encodings.md).
         skews = self._skews(_as_dtype(self.weight, positions.dtype))
         theta = None if self.theta is None else _as_dtype(self.theta, positions.dtype)
-        return F.lie_rotations(
+        return ops.block_rotations(
             positions,
             self._bases_from(skews, theta),
             method=self.exp_method,
@@ -266,10 +268,13 @@ class CayleySTRING(MixedRoPE):
         return self._basis(self.weight)
 
     def _basis(self, weight: Tensor) -> Tensor:
-        skew = F.skew_symmetric(weight, self.head_dim, index=self._upper_index)
+        # Note [matmul precision]: solve's backward multiplies matrices; float64 where float32
+        # matmuls are reduced (or while tracing)
+        work = exact_dtype(weight.dtype, weight.device, tracing=F.is_tracing())
+        skew = F.skew_symmetric(weight.to(work), self.head_dim, index=self._upper_index)
         eye = torch.eye(self.head_dim, dtype=skew.dtype, device=skew.device)
         # (I + S)^-1 (I - S) = (I - S)(I + S)^-1: both are polynomials in S
-        return torch.linalg.solve(eye + skew, eye - skew)
+        return torch.linalg.solve(eye + skew, eye - skew).to(weight.dtype)
 
     def generators(self) -> Tensor:
         """``A_a = P^T G_a P`` with ``G_a`` RoPE-Mixed's dense generators.
@@ -287,9 +292,13 @@ class CayleySTRING(MixedRoPE):
 
     def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:
         cos, sin, basis = rotation  # basis (h | 1, d, d) broadcasts over x's (b, h) dims
+        # Note [matmul precision]: the products with P in float64 where float32 matmuls are
+        # reduced (or cannot be checked, while tracing); RoPE itself is elementwise
+        work = exact_dtype(x.dtype, x.device, tracing=F.is_tracing())
+        xw, pw = x.to(work), basis.to(work)
         # x' = P^T RoPE(p) P x, row vectors: ((x P^T) turned) P
-        turned = F.apply_rope(torch.matmul(x, basis.mT), cos, sin)
-        return torch.matmul(turned, basis)
+        turned = F.apply_rope(torch.matmul(xw, pw.mT), cos.to(work), sin.to(work))
+        return torch.matmul(turned, pw).to(x.dtype)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         nn.Module._load_from_state_dict(self, state_dict, prefix, *args)

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from . import ops
 
 __all__ = ["RotaryEncoding", "BlockRotaryEncoding", "LieRE", "AxialRoPE", "MixedRoPE"]
 
@@ -692,9 +693,9 @@ class BlockRotaryEncoding(RotaryEncoding):
         """
         blocks = self.bases()
         h, a, m, s, _ = blocks.shape
-        eye = torch.eye(m, dtype=blocks.dtype, device=blocks.device)
-        dense = torch.einsum("hamij,mn->haminj", blocks, eye)
-        return dense.reshape(h, a, m * s, m * s)
+        # (h, a, s, s, m, m) with the blocks on the (m, m) diagonal: exact, no matmul
+        dense = torch.diag_embed(blocks.permute(0, 1, 3, 4, 2))
+        return dense.permute(0, 1, 4, 2, 5, 3).reshape(h, a, m * s, m * s)
 
     def _generator_norms(self, abs_positions: Tensor) -> Tensor:
         # ||sum_a p_a A_a||_2 <= sum_a |p_a| max_m ||A[h, a, m]||_2 (block-diagonal A).
@@ -705,14 +706,24 @@ class BlockRotaryEncoding(RotaryEncoding):
     def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:
         if isinstance(rotation, tuple):
             return F.apply_rope(x, *rotation)
-        return F.apply_blockwise(x, rotation)
+        if self._is_frozen_while_tracing(rotation):
+            return F.apply_blockwise_exact(x, rotation)
+        return ops.blockwise(x, rotation)
+
+    def _is_frozen_while_tracing(self, rotation: Tensor) -> bool:
+        # frozen rotations are plain tensors: an exported graph (ONNX) applies them with plain
+        # elementwise ops, never a liere op (Note [registered operators] in liere.ops)
+        frozen = self._frozen
+        return frozen is not None and rotation is frozen[1] and F.is_tracing()
 
     def _rotate_pair(
         self, q: Tensor, k: Tensor, rotation: Rotation, num_prefix_tokens: int = 0
     ) -> tuple[Tensor, Tensor]:
         if isinstance(rotation, tuple):
             return super()._rotate_pair(q, k, rotation, num_prefix_tokens)
-        return F.apply_blockwise_pair(q, k, rotation, num_prefix_tokens=num_prefix_tokens)
+        if self._is_frozen_while_tracing(rotation):
+            return super()._rotate_pair(q, k, rotation, num_prefix_tokens)
+        return ops.blockwise_pair(q, k, rotation, num_prefix_tokens=num_prefix_tokens)
 
 
 class LieRE(BlockRotaryEncoding):
@@ -811,7 +822,7 @@ class LieRE(BlockRotaryEncoding):
             angles = F.rope_angles(positions, -weight[..., 0])
             return torch.cos(angles), torch.sin(angles)
         bases = F.skew_symmetric(weight, self.block_size, index=self._upper_index)
-        return F.lie_rotations(
+        return ops.block_rotations(
             positions,
             bases,
             method=self.exp_method,

@@ -34,6 +34,7 @@ __all__ = [
     "rope_angles",
     "apply_rope",
     "compute_dtype",
+    "apply_blockwise_exact",
 ]
 
 # Note [Taylor scaling and squaring]
@@ -93,15 +94,19 @@ def skew_symmetric(params: Tensor, size: int, *, index: Optional[Tensor] = None)
 
 
 def block_generators(positions: Tensor, bases: Tensor) -> Tensor:
-    """``G[.., h, n, m] = sum_a p[.., n, a] * B[h, a, m]`` as one GEMM over all blocks.
+    """``G[.., h, n, m] = sum_a p[.., n, a] * B[h, a, m]``, elementwise over the few axes.
 
     Shape:
         positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)``
         -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``
     """
     h, a, m, s, _ = bases.shape
-    flat = bases.reshape(h, a, m * s * s)
-    gen = torch.matmul(positions.unsqueeze(-3), flat)  # (.., h, n, m*s*s)
+    flat = bases.reshape(h, 1, a, m * s * s)
+    p = positions.unsqueeze(-3)  # (.., 1, n, a)
+    # elementwise, axis by axis (Note [matmul precision]: no reduced-precision matmul)
+    gen = p[..., 0:1] * flat[:, :, 0]
+    for axis in range(1, a):
+        gen = gen + p[..., axis : axis + 1] * flat[:, :, axis]
     return gen.unflatten(-1, (m, s, s))
 
 
@@ -1422,6 +1427,21 @@ def apply_blockwise_pair(
     return _blockwise_pair_plain(q, k, rotations, p)
 
 
+def apply_blockwise_exact(x: Tensor, rotations: Tensor) -> Tensor:
+    """``apply_blockwise`` as elementwise products and a sum: no matmul, so no
+    matmul-precision setting rounds it (Note [matmul precision]), and an exported graph holds
+    only Mul and ReduceSum. Materialises ``(.., d, s)`` products unless compiled (inductor
+    fuses them); used for frozen rotations inside traced graphs.
+
+    Shape:
+        as ``apply_blockwise``
+    """
+    m, s = rotations.shape[-3], rotations.shape[-1]
+    xb = x.unflatten(-1, (m, s)).unsqueeze(-2)  # (b, h, n, m, 1, s)
+    rot = rotations if rotations.dim() == 6 else rotations.unsqueeze(0)
+    return (rot * xb).sum(dim=-1).flatten(-2)
+
+
 def _apply_few(x: Tensor, rotations: Tensor) -> Tensor:
     """``apply_blockwise`` for few tokens (Note [few tokens]): the batch, and the heads that
     share a rotation, become the columns of one batched product.
@@ -1540,13 +1560,21 @@ class _BlockwisePair(torch.autograd.Function):
 
 
 def rope_angles(positions: Tensor, freqs: Tensor) -> Tensor:
-    """``theta[.., h, n, k] = sum_a p[.., n, a] * f[h, a, k]`` (one GEMM).
+    """``theta[.., h, n, k] = sum_a p[.., n, a] * f[h, a, k]``.
+
+    Elementwise, axis by axis: no matmul, so no matmul-precision setting can round the angles
+    (Note [matmul precision] in ``liere.precision``).
 
     Shape:
         positions ``(n, a)`` or ``(b, n, a)``; freqs ``(h, a, k)``
         -> ``(h, n, k)`` or ``(b, h, n, k)``
     """
-    return torch.matmul(positions.unsqueeze(-3), freqs)
+    p = positions.unsqueeze(-3)  # (.., 1, n, a)
+    f = freqs.unsqueeze(-3)  # (h, 1, a, k)
+    angles = p[..., 0:1] * f[..., 0, :]
+    for axis in range(1, freqs.shape[-2]):
+        angles = angles + p[..., axis : axis + 1] * f[..., axis, :]
+    return angles
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

@@ -1,0 +1,378 @@
+"""liere's registered operators: the speed layer's entry points as ``torch.library`` ops.
+
+Note [registered operators]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Inside ``torch.compile`` or ``torch.export`` the fast exponential cannot run as Python: its
+squaring counts, ray plans and compiled kernels depend on values, so a traced graph used to
+fall back to ``torch.linalg.matrix_exp`` (3.8x slower compiled than eager). Registered ops are
+opaque to the tracer: the graph holds ``liere::lie_rotations`` and friends, shapes come from
+their fake implementations, and at run time their real implementations run the eager fast
+path, where values, kernels and the matmul-precision flags (Note [matmul precision]) can be
+read.
+
+=====================================  =============================================
+op                                     computes
+=====================================  =============================================
+``liere::lie_rotations``               ``exp(sum_a p_a B_a)`` per token and block
+``liere::lie_rotations_backward``      its vector-Jacobian product
+``liere::apply_blockwise``             ``R @ x`` per token and block
+``liere::apply_blockwise_backward``    its vector-Jacobian product
+``liere::apply_blockwise_pair``        both of q and k, prefix tokens left unrotated
+``liere::apply_blockwise_pair_backward`` its vector-Jacobian product
+=====================================  =============================================
+
+The backward ops recompute their forward under autograd and differentiate it, so a
+compiled graph keeps no intermediate of the exponential. An op's implementation runs below
+the autograd dispatch key, where no autograd graph can be recorded, so the recompute runs
+on a fresh thread (``_with_autograd``: started and joined per call, nothing kept; autocast
+and inference mode are thread-local and off there, as the ops want). The backward ops have
+no autograd formula of their own: double backward runs in eager mode (the eager path is
+untouched and keeps it); ``torch.compile`` does not support double backward anyway.
+
+The dispatch functions (``block_rotations``, ``blockwise``, ``blockwise_pair``) pick the op
+while tracing and the eager path otherwise, both at full precision.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from .precision import exact_dtype
+
+__all__ = ["block_rotations", "blockwise", "blockwise_pair"]
+
+
+def _rotation_shape(positions: Tensor, bases: Tensor) -> tuple[int, ...]:
+    h, _, m, s, _ = bases.shape
+    lead = positions.shape[:-2]
+    return (*lead, h, positions.shape[-2], m, s, s)
+
+
+def _full_precision(fn: Callable[..., Tensor], *tensors: Tensor, **kwargs: object) -> Tensor:
+    """``fn(*tensors)`` with matrix products at full float32 precision (Note [matmul
+    precision]): in float64 when float32 matmuls are reduced on this device."""
+    work = exact_dtype(tensors[0].dtype, tensors[0].device)
+    if work == tensors[0].dtype:
+        return fn(*tensors, **kwargs)
+    out = fn(*(t.to(work) for t in tensors), **kwargs)
+    return out.to(tensors[0].dtype)
+
+
+def _with_autograd(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on a fresh thread, where autograd records (see the module's Note)."""
+    result: list[Any] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            with torch.enable_grad():
+                result.append(fn())
+        except BaseException as err:  # re-raised on the caller's thread
+            error.append(err)
+
+    worker = threading.Thread(target=run, name="liere-backward")
+    worker.start()
+    worker.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+# -- the exponential -----------------------------------------------------------------------
+
+
+@torch.library.custom_op("liere::lie_rotations", mutates_args=())
+def _lie_rotations(
+    positions: Tensor, bases: Tensor, reorthogonalize_above: Optional[float]
+) -> Tensor:
+    """``R[.., h, n, m] = exp(sum_a p[.., n, a] B[h, a, m])``: ``F.lie_rotations``' fast path.
+
+    Shape:
+        positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)`` (same dtype)
+        -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``
+    """
+    with torch.no_grad():
+        return _full_precision(
+            F.lie_rotations, positions, bases, reorthogonalize_above=reorthogonalize_above
+        ).contiguous()
+
+
+@_lie_rotations.register_fake
+def _(positions: Tensor, bases: Tensor, reorthogonalize_above: Optional[float]) -> Tensor:
+    _check_rotation_inputs(positions, bases)
+    return bases.new_empty(_rotation_shape(positions, bases))
+
+
+def _check_rotation_inputs(positions: Tensor, bases: Tensor) -> None:
+    if positions.dim() not in (2, 3) or bases.dim() != 5:
+        raise ValueError(
+            f"liere::lie_rotations takes positions (n, a) or (b, n, a) and bases "
+            f"(h, a, m, s, s); got {tuple(positions.shape)} and {tuple(bases.shape)}."
+        )
+    if positions.shape[-1] != bases.shape[1] or positions.dtype != bases.dtype:
+        raise ValueError(
+            f"liere::lie_rotations: positions {tuple(positions.shape)} {positions.dtype} must "
+            f"match the bases' axes and dtype ({bases.shape[1]} axes, {bases.dtype})."
+        )
+
+
+@torch.library.custom_op("liere::lie_rotations_backward", mutates_args=())
+def _lie_rotations_backward(
+    grad: Tensor,
+    positions: Tensor,
+    bases: Tensor,
+    reorthogonalize_above: Optional[float],
+    positions_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of ``liere::lie_rotations`` with respect to positions (zeros unless
+    ``positions_grad``) and bases, by recomputing the forward under autograd."""
+
+    def vjp() -> tuple[Optional[Tensor], ...]:
+        p = positions.detach().requires_grad_(positions_grad)
+        b = bases.detach().requires_grad_(True)
+        rot = _full_precision(F.lie_rotations, p, b, reorthogonalize_above=reorthogonalize_above)
+        inputs = (p, b) if positions_grad else (b,)
+        return torch.autograd.grad(rot, inputs, grad, allow_unused=True)
+
+    grads = _with_autograd(vjp)
+    grad_b = grads[-1] if grads[-1] is not None else bases.new_zeros(bases.shape)
+    grad_p = (
+        grads[0]
+        if positions_grad and grads[0] is not None
+        else positions.new_zeros(positions.shape)
+    )
+    return grad_p.contiguous(), grad_b.contiguous()
+
+
+@_lie_rotations_backward.register_fake
+def _(
+    grad: Tensor,
+    positions: Tensor,
+    bases: Tensor,
+    reorthogonalize_above: Optional[float],
+    positions_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    return positions.new_empty(positions.shape), bases.new_empty(bases.shape)
+
+
+def _rotations_setup(ctx: Any, inputs: tuple[object, ...], output: Tensor) -> None:
+    positions, bases, reorthogonalize_above = inputs
+    ctx.save_for_backward(positions, bases)
+    ctx.reorthogonalize_above = reorthogonalize_above
+
+
+def _rotations_backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+    positions, bases = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_p, grad_b = _lie_rotations_backward(
+        grad.contiguous(),
+        positions,
+        bases,
+        ctx.reorthogonalize_above,
+        bool(needs[0]),
+    )
+    return (grad_p if needs[0] else None, grad_b if needs[1] else None, None)
+
+
+_lie_rotations.register_autograd(_rotations_backward, setup_context=_rotations_setup)
+
+
+# -- blockwise application -----------------------------------------------------------------
+
+
+@torch.library.custom_op("liere::apply_blockwise", mutates_args=())
+def _apply_blockwise(x: Tensor, rotations: Tensor) -> Tensor:
+    """``F.apply_blockwise``: ``R @ x`` per token and block.
+
+    Shape:
+        x ``(b, h, n, d)``; rotations ``(h | 1, n, m, s, s)`` or ``(b, h | 1, n, m, s, s)``
+        -> ``(b, h, n, d)``
+    """
+    with torch.no_grad():
+        return _full_precision(F.apply_blockwise, x, rotations).contiguous()
+
+
+@_apply_blockwise.register_fake
+def _(x: Tensor, rotations: Tensor) -> Tensor:
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("liere::apply_blockwise_backward", mutates_args=())
+def _apply_blockwise_backward(grad: Tensor, x: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor]:
+    """Gradients of ``liere::apply_blockwise`` with respect to x and the rotations."""
+
+    def vjp() -> tuple[Tensor, ...]:
+        xs = x.detach().requires_grad_(True)
+        rs = rotations.detach().requires_grad_(True)
+        out = _full_precision(F.apply_blockwise, xs, rs)
+        return torch.autograd.grad(out, (xs, rs), grad)
+
+    grad_x, grad_r = _with_autograd(vjp)
+    return grad_x.contiguous(), grad_r.contiguous()
+
+
+@_apply_blockwise_backward.register_fake
+def _(grad: Tensor, x: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor]:
+    return x.new_empty(x.shape), rotations.new_empty(rotations.shape)
+
+
+def _apply_setup(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _apply_backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    x, rotations = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_x, grad_r = _apply_blockwise_backward(grad.contiguous(), x, rotations)
+    return (grad_x if needs[0] else None, grad_r if needs[1] else None)
+
+
+_apply_blockwise.register_autograd(_apply_backward, setup_context=_apply_setup)
+
+
+@torch.library.custom_op("liere::apply_blockwise_pair", mutates_args=())
+def _apply_blockwise_pair(
+    q: Tensor, k: Tensor, rotations: Tensor, num_prefix_tokens: int
+) -> tuple[Tensor, Tensor]:
+    """``F.apply_blockwise_pair``: q and k rotated at once, the first ``num_prefix_tokens``
+    tokens unrotated.
+
+    Shape:
+        q, k ``(b, h, p + n, d)``; rotations ``(h | 1, n, m, s, s)`` or
+        ``(b, h | 1, n, m, s, s)`` -> ``(b, h, p + n, d)`` each
+    """
+    with torch.no_grad():
+        work = exact_dtype(q.dtype, q.device)
+        if work == q.dtype:
+            q_out, k_out = F.apply_blockwise_pair(
+                q, k, rotations, num_prefix_tokens=num_prefix_tokens
+            )
+        else:
+            q_out, k_out = F.apply_blockwise_pair(
+                q.to(work), k.to(work), rotations.to(work), num_prefix_tokens=num_prefix_tokens
+            )
+        return q_out.to(q.dtype).contiguous(), k_out.to(k.dtype).contiguous()
+
+
+@_apply_blockwise_pair.register_fake
+def _(q: Tensor, k: Tensor, rotations: Tensor, num_prefix_tokens: int) -> tuple[Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape)
+
+
+@torch.library.custom_op("liere::apply_blockwise_pair_backward", mutates_args=())
+def _apply_blockwise_pair_backward(
+    grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, rotations: Tensor, num_prefix_tokens: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of ``liere::apply_blockwise_pair`` with respect to q, k and the rotations."""
+    work = exact_dtype(q.dtype, q.device)
+
+    def vjp() -> tuple[Tensor, ...]:
+        qs = q.detach().to(work).requires_grad_(True)
+        ks = k.detach().to(work).requires_grad_(True)
+        rs = rotations.detach().to(work).requires_grad_(True)
+        outs = F.apply_blockwise_pair(qs, ks, rs, num_prefix_tokens=num_prefix_tokens)
+        return torch.autograd.grad(outs, (qs, ks, rs), (grad_q.to(work), grad_k.to(work)))
+
+    grads = _with_autograd(vjp)
+    return (
+        grads[0].to(q.dtype).contiguous(),
+        grads[1].to(k.dtype).contiguous(),
+        grads[2].to(rotations.dtype).contiguous(),
+    )
+
+
+@_apply_blockwise_pair_backward.register_fake
+def _(
+    grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, rotations: Tensor, num_prefix_tokens: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), rotations.new_empty(rotations.shape)
+
+
+def _pair_setup(ctx: Any, inputs: tuple[object, ...], output: object) -> None:
+    q, k, rotations, num_prefix_tokens = inputs
+    ctx.save_for_backward(q, k, rotations)
+    ctx.num_prefix_tokens = num_prefix_tokens
+
+
+def _pair_backward(
+    ctx: Any, grad_q: Tensor, grad_k: Tensor
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], None]:
+    q, k, rotations = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    gq, gk, gr = _apply_blockwise_pair_backward(
+        grad_q.contiguous(),
+        grad_k.contiguous(),
+        q,
+        k,
+        rotations,
+        ctx.num_prefix_tokens,
+    )
+    return (gq if needs[0] else None, gk if needs[1] else None, gr if needs[2] else None, None)
+
+
+_apply_blockwise_pair.register_autograd(_pair_backward, setup_context=_pair_setup)
+
+
+# -- dispatch ------------------------------------------------------------------------------
+
+
+def block_rotations(
+    positions: Tensor,
+    bases: Tensor,
+    *,
+    method: str = "auto",
+    reorthogonalize_above: Optional[float] = F.REORTHOGONALIZE_ABOVE,
+) -> Tensor:
+    """``F.lie_rotations`` at full precision: the registered op while tracing, the eager fast
+    path otherwise (in float64 when float32 matmuls are reduced). ``method="matrix_exp"``
+    (the reference) stays in the graph, in float64 while tracing.
+
+    Shape:
+        as ``F.lie_rotations``
+    """
+    if F.is_tracing():
+        if method == "auto":
+            return torch.ops.liere.lie_rotations(positions, bases, reorthogonalize_above)
+        work = exact_dtype(bases.dtype, bases.device, tracing=True)
+        out = F.lie_rotations(positions.to(work), bases.to(work), method=method)
+        return out.to(bases.dtype)
+    return _full_precision(
+        F.lie_rotations,
+        positions,
+        bases,
+        method=method,
+        reorthogonalize_above=reorthogonalize_above,
+    )
+
+
+def blockwise(x: Tensor, rotations: Tensor) -> Tensor:
+    """``F.apply_blockwise`` at full precision (the registered op while tracing)."""
+    if F.is_tracing():
+        return torch.ops.liere.apply_blockwise(x, rotations)
+    work = exact_dtype(x.dtype, x.device)
+    if work == x.dtype:
+        return F.apply_blockwise(x, rotations)
+    return F.apply_blockwise(x.to(work), rotations.to(work)).to(x.dtype)
+
+
+def blockwise_pair(
+    q: Tensor, k: Tensor, rotations: Tensor, *, num_prefix_tokens: int = 0
+) -> tuple[Tensor, Tensor]:
+    """``F.apply_blockwise_pair`` at full precision (the registered op while tracing)."""
+    if F.is_tracing():
+        out: tuple[Tensor, Tensor] = torch.ops.liere.apply_blockwise_pair(
+            q, k, rotations, num_prefix_tokens
+        )
+        return out
+    work = exact_dtype(q.dtype, q.device)
+    if work == q.dtype:
+        return F.apply_blockwise_pair(q, k, rotations, num_prefix_tokens=num_prefix_tokens)
+    q_out, k_out = F.apply_blockwise_pair(
+        q.to(work), k.to(work), rotations.to(work), num_prefix_tokens=num_prefix_tokens
+    )
+    return q_out.to(q.dtype), k_out.to(k.dtype)

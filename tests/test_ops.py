@@ -1,0 +1,288 @@
+"""liere's registered operators (torch.library) and full precision under the user's matmul
+settings: opcheck, compiled and exported graphs, and no reduced-precision matmul."""
+
+import pytest
+import torch
+from conftest import randn
+from torch.library import opcheck
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from liere import AxialRoPE, CayleySTRING, ComRoPE, LieRE, MixedRoPE, grid_positions
+from liere.models import VisionTransformer
+from liere.precision import exact_dtype, float32_matmul_is_reduced
+
+OPS = torch.ops.liere
+
+
+def _encodings():
+    torch.manual_seed(0)
+    return {
+        "liere-8": LieRE(16, 2, num_heads=2, block_size=8),
+        "liere-dense": LieRE(16, 2, num_heads=2, block_size=16),
+        "comrope-ap": ComRoPE(16, 2, num_heads=2, block_size=8),
+        "comrope-ld": ComRoPE(16, 2, num_heads=2, block_size=8, variant="ld"),
+        "string-cayley": CayleySTRING(16, 2, num_heads=2),
+        "rope-axial": AxialRoPE(16, 2),
+        "rope-mixed": MixedRoPE(16, 2, num_heads=2),
+    }
+
+
+def _bases(block=8, heads=2, axes=2, seed=0):
+    torch.manual_seed(seed)
+    return LieRE(16, axes, num_heads=heads, block_size=block).bases().detach()
+
+
+# -- opcheck -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block", [8, 16])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_opcheck_lie_rotations(block, per_sample):
+    positions = grid_positions(3, 4) * 2
+    if per_sample:
+        positions = torch.stack([positions, positions.flip(0) * 0.5])
+    bases = _bases(block)
+    args = (positions.requires_grad_(), bases.clone().requires_grad_(), 1024.0)
+    opcheck(OPS.lie_rotations.default, args)
+    rot = OPS.lie_rotations(positions.detach(), bases, None)
+    grad = torch.randn_like(rot)
+    opcheck(OPS.lie_rotations_backward.default, (grad, positions.detach(), bases, None, True))
+
+
+@pytest.mark.parametrize("shared_heads", [False, True])
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_opcheck_blockwise_application(shared_heads, prefix):
+    positions = grid_positions(3, 3)
+    bases = _bases(8, heads=1 if shared_heads else 2)
+    rot = OPS.lie_rotations(positions, bases, None)
+    q, k = randn(2, 2, prefix + 9, 16, seed=1), randn(2, 2, prefix + 9, 16, seed=2)
+    args = (q.requires_grad_(), k.requires_grad_(), rot.clone().requires_grad_(), prefix)
+    opcheck(OPS.apply_blockwise_pair.default, args)
+    x = randn(2, 2, 9, 16, seed=3)
+    opcheck(OPS.apply_blockwise.default, (x.clone().requires_grad_(), rot.clone().requires_grad_()))
+    g = torch.randn_like(x)
+    opcheck(OPS.apply_blockwise_backward.default, (g, x, rot))
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+    opcheck(
+        OPS.apply_blockwise_pair_backward.default, (gq, gk, q.detach(), k.detach(), rot, prefix)
+    )
+
+
+def test_ops_match_the_functional_definition_values_and_grads():
+    positions = grid_positions(4, 4).requires_grad_()
+    bases = _bases(8).requires_grad_()
+    q = randn(2, 2, 17, 16, seed=1).requires_grad_()
+    k = randn(2, 2, 17, 16, seed=2).requires_grad_()
+    ref_rot = torch.linalg.matrix_exp(
+        torch.einsum("na,hamij->hnmij", positions.double(), bases.double()).contiguous()
+    )
+    rot = OPS.lie_rotations(positions, bases, None)
+    torch.testing.assert_close(rot.double(), ref_rot, atol=1e-5, rtol=0)
+    q_out, k_out = OPS.apply_blockwise_pair(q, k, rot, 1)
+    ref_q = torch.einsum("hnmij,bhnmj->bhnmi", ref_rot, q[:, :, 1:].double().unflatten(-1, (2, 8)))
+    torch.testing.assert_close(q_out[:, :, 1:].double(), ref_q.flatten(-2), atol=2e-5, rtol=0)
+    assert torch.equal(q_out[:, :, :1], q[:, :, :1])
+    (q_out.square().sum() + k_out.sum()).backward()
+    grads = [t.grad.clone() for t in (positions, bases, q, k)]
+    for t in (positions, bases, q, k):
+        t.grad = None
+    from liere import functional as F
+
+    q_ref, k_ref = F.apply_blockwise_pair(
+        q, k, F.lie_rotations(positions, bases), num_prefix_tokens=1
+    )
+    (q_ref.square().sum() + k_ref.sum()).backward()
+    for got, t in zip(grads, (positions, bases, q, k)):
+        torch.testing.assert_close(got, t.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_op_inputs_are_checked_when_traced():
+    positions = grid_positions(3, 3)
+    with pytest.raises(RuntimeError, match="must match the bases. axes and dtype"):
+        torch.compile(lambda p, b: OPS.lie_rotations(p, b, None), backend="eager", fullgraph=True)(
+            positions, _bases(axes=3)
+        )
+
+
+# -- compiled and exported graphs ----------------------------------------------------------
+
+
+class _Recorder:
+    """A torch.compile backend that records the graph's call targets and runs it as is."""
+
+    def __init__(self):
+        self.targets = []
+
+    def __call__(self, gm, example_inputs):
+        self.targets += [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        return gm.forward
+
+
+@pytest.mark.parametrize("name", ["liere-8", "liere-dense", "comrope-ap", "comrope-ld"])
+def test_compiled_graph_holds_liere_ops_and_matches_eager(name):
+    enc = _encodings()[name]
+    positions = grid_positions(5, 5)
+    q = randn(2, 2, 26, 16, seed=1).requires_grad_()
+    k = randn(2, 2, 26, 16, seed=2).requires_grad_()
+
+    def step(q, k):
+        return enc(q, k, positions, num_prefix_tokens=1)
+
+    recorder = _Recorder()
+    compiled = torch.compile(step, backend=recorder, fullgraph=True)
+    outs = [compiled(q, k), step(q, k)]
+    assert "liere.lie_rotations" in recorder.targets
+    assert "liere.apply_blockwise_pair" in recorder.targets
+    assert not [t for t in recorder.targets if "matrix_exp" in t]
+    grads = [
+        torch.autograd.grad(sum(o.square().sum() for o in out), (q, k, *enc.parameters()))
+        for out in outs
+    ]
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_inductor_training_step_matches_eager():
+    torch.manual_seed(0)
+    model = VisionTransformer(16, 4, 3, in_channels=1, dim=32, depth=1, num_heads=2)
+    x = randn(2, 1, 16, 16, seed=4)
+    compiled = torch.compile(model, fullgraph=True)
+    out_c = compiled(x)
+    out_c.square().sum().backward()
+    grads_c = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    out_e = model(x)
+    out_e.square().sum().backward()
+    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
+    for a, p in zip(grads_c, model.parameters()):
+        torch.testing.assert_close(a, p.grad, atol=1e-4, rtol=1e-4)
+
+
+def _exported_targets(model, x):
+    program = torch.export.export(model, (x,))
+    targets = [  # every graph, those nested in higher-order ops (autocast regions) too
+        str(n.target)
+        for gm in program.graph_module.modules()
+        if isinstance(gm, torch.fx.GraphModule)
+        for n in gm.graph.nodes
+        if n.op == "call_function"
+    ]
+    return program, targets
+
+
+def test_export_holds_liere_ops_and_frozen_rotations_none():
+    torch.manual_seed(0)
+    model = VisionTransformer(16, 4, 3, in_channels=1, dim=32, depth=1, num_heads=2).eval()
+    x = randn(2, 1, 16, 16, seed=5)
+    program, targets = _exported_targets(model, x)
+    assert any("liere.lie_rotations" in t for t in targets)
+    assert not any("matrix_exp" in t for t in targets)
+    torch.testing.assert_close(program.module()(x), model(x), atol=1e-6, rtol=1e-6)
+    model.freeze_rotations()
+    program, targets = _exported_targets(model, x)
+    assert not any("liere" in t or "matrix_exp" in t for t in targets)
+    torch.testing.assert_close(program.module()(x), model(x), atol=1e-6, rtol=1e-6)
+
+
+# -- precision -----------------------------------------------------------------------------
+
+_MATMULS = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "matmul", "mv", "dot", "linalg_matrix_exp"}
+
+
+class _Float32Matmuls(TorchDispatchMode):
+    """Records every float32 matrix product dispatched (the ops a TF32/bf16 setting rounds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in _MATMULS:
+            dtypes = {a.dtype for a in args if isinstance(a, torch.Tensor)}
+            if torch.float32 in dtypes:
+                self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def medium_precision():
+    torch.set_float32_matmul_precision("medium")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
+def _run(enc, frozen=False):
+    positions = grid_positions(4, 4) * 2
+    q = randn(2, 2, 17, 16, seed=1).requires_grad_()
+    k = randn(2, 2, 17, 16, seed=2).requires_grad_()
+    if frozen:
+        enc.eval().freeze(positions)
+    q_out, k_out = enc(q, k, positions, num_prefix_tokens=1)
+    x_out = enc.rotate(q.detach(), positions, num_prefix_tokens=1)
+    (q_out.square().sum() + k_out.sum()).backward()
+    return q_out.detach(), k_out.detach(), x_out
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("name", list(_encodings()))
+def test_no_float32_matmul_under_reduced_precision(name, frozen, medium_precision):
+    enc = _encodings()[name]
+    assert float32_matmul_is_reduced(torch.device("cpu"))
+    with _Float32Matmuls() as mode:
+        _run(enc, frozen)
+    assert mode.seen == []
+
+
+def test_the_matmul_probe_sees_float32_matmuls_at_highest():
+    # the check above can fail: at "highest" LieRE's products run in float32
+    enc = _encodings()["liere-8"]
+    assert not float32_matmul_is_reduced(torch.device("cpu"))
+    with _Float32Matmuls() as mode:
+        _run(enc)
+    assert mode.seen
+
+
+def _float32_matmul_is_rounded_here():
+    a, b = randn(256, 256, seed=0), randn(256, 256, seed=1)
+    exact = a @ b
+    torch.set_float32_matmul_precision("medium")
+    try:
+        return not torch.equal(a @ b, exact)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
+@pytest.mark.skipif(
+    not _float32_matmul_is_rounded_here(),
+    reason="a plain float32 matmul is unaffected by 'medium' on this CPU (no bf16 matmul unit)",
+)
+@pytest.mark.parametrize("name", list(_encodings()))
+def test_outputs_under_medium_match_highest(name):
+    enc = _encodings()[name]
+    expected = _run(enc)
+    torch.set_float32_matmul_precision("medium")
+    try:
+        got = _run(enc)
+    finally:
+        torch.set_float32_matmul_precision("highest")
+    for a, b in zip(got, expected):
+        err = ((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-30)).max()
+        assert err < 1e-5, err
+
+
+def test_exact_dtype():
+    cpu = torch.device("cpu")
+    assert exact_dtype(torch.float32, cpu) == torch.float32
+    assert exact_dtype(torch.float32, cpu, tracing=True) == torch.float64
+    assert exact_dtype(torch.float64, cpu, tracing=True) == torch.float64
+    assert exact_dtype(torch.bfloat16, cpu, tracing=True) == torch.bfloat16
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert exact_dtype(torch.float32, cpu) == torch.float64
+    finally:
+        torch.set_float32_matmul_precision("highest")
