@@ -9,7 +9,13 @@ leaves behind hit all cases alike.
 
 Modes: ``train`` (forward + backward), ``eval`` (forward under ``no_grad``), ``eval-frozen``
 (forward under ``no_grad`` with the rotations precomputed by ``encoding.freeze(positions)``,
-the explicit way to reuse them; nothing is cached implicitly).
+the explicit way to reuse them; nothing is cached implicitly), ``compiled`` (forward +
+backward of every case twice, eager and under ``torch.compile(fullgraph=True)`` as
+``<case>/c``, interleaved in one loop, so compiled and eager ratios share a run; compile
+time is printed and not timed).
+
+Every line gives the case's multiple of AxialRoPE (``x axial``) and of the same layer with no
+encoding (``x none``, the floor), both measured in the same run.
 
 Memory: ``saved MB`` is what autograd keeps for the backward pass (tensors saved by the
 forward, counted once per storage), ``peak MB`` the CUDA allocator's peak when on a GPU.
@@ -186,7 +192,7 @@ def main() -> None:
         "--modes",
         nargs="+",
         default=["train", "eval", "eval-frozen"],
-        choices=["train", "eval", "eval-frozen"],
+        choices=["train", "eval", "eval-frozen", "compiled"],
         help="eval-frozen: rotations precomputed once with encoding.freeze(positions)",
     )
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median)")
@@ -209,8 +215,8 @@ def main() -> None:
         f"{K.status()}"
     )
     header = (
-        f"{'mode':<12}{'batch':>6}  {'case':<14}{'ms':>9}{'x axial':>9}{'saved MB':>10}"
-        f"{'floor x':>9}"
+        f"{'mode':<12}{'batch':>6}  {'case':<16}{'ms':>9}{'x axial':>9}{'x none':>8}"
+        f"{'saved MB':>10}{'floor x':>9}"
     )
     if device.type == "cuda":
         header += f"{'peak MB':>9}"
@@ -220,7 +226,27 @@ def main() -> None:
             layers = {c: make_layer(c, args.dim, args.heads, 2).to(device) for c in cases}
             x = torch.randn(batch, n, args.dim, device=device)
             runs: dict[str, Callable[[], object]] = {}
-            for case, layer in layers.items():
+            if mode == "compiled":
+                for case in cases:
+                    layer = layers[case].train()
+                    compiled = torch.compile(layer, fullgraph=True)
+                    start = time.perf_counter()
+                    compiled(x, positions).sum().backward()
+                    print(
+                        f"# compiled {case} at batch {batch} in {time.perf_counter() - start:.0f} s"
+                    )
+
+                    def run_eager(layer: RotaryAttention = layer, x: torch.Tensor = x) -> object:
+                        layer(x, positions).sum().backward()
+                        return None
+
+                    def run_compiled(fn: Callable = compiled, x: torch.Tensor = x) -> object:
+                        fn(x, positions).sum().backward()
+                        return None
+
+                    runs[case] = run_eager
+                    runs[case + "/c"] = run_compiled
+            for case, layer in layers.items() if mode != "compiled" else ():
                 if mode == "train":
                     layer.train()
 
@@ -237,7 +263,7 @@ def main() -> None:
                             return layer(x, positions)
 
                 runs[case] = run
-            times: dict[str, list[float]] = {c: [] for c in cases}
+            times: dict[str, list[float]] = {c: [] for c in runs}
             for _ in range(2):  # warm-up
                 for run in runs.values():
                     run()
@@ -256,21 +282,21 @@ def main() -> None:
                     times[case].append(time.perf_counter() - start)
             base = statistics.median(times["rope-axial"])
             plain = statistics.median(times["none"])
-            for case in cases:
+            for case in runs:
                 med = statistics.median(times[case])
                 saved = 0.0
-                layer = layers[case]
+                layer = layers[case.removesuffix("/c")]
                 if mode == "train":
                     saved = saved_bytes(lambda layer=layer, x=x: layer(x, positions)) / 2**20
                 floor = (
                     None
-                    if mode == "eval-frozen"
+                    if mode in ("eval-frozen", "compiled")
                     else floor_ms(layer, positions, batch, mode == "train")
                 )
                 floor_text = "" if floor is None else f"{(plain + floor / 1e3) / base:.2f}"
                 line = (
-                    f"{mode:<12}{batch:>6}  {case:<14}{med * 1e3:>9.1f}{med / base:>9.2f}"
-                    f"{saved:>10.1f}{floor_text:>9}"
+                    f"{mode:<12}{batch:>6}  {case:<16}{med * 1e3:>9.1f}{med / base:>9.2f}"
+                    f"{med / plain:>8.2f}{saved:>10.1f}{floor_text:>9}"
                 )
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()

@@ -286,3 +286,15 @@ def test_exact_dtype():
         assert exact_dtype(torch.float32, cpu) == torch.float64
     finally:
         torch.set_float32_matmul_precision("highest")
+
+
+def test_documented_schemas_are_the_registered_ones():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "api" / "ops.md").read_text()
+    rows = [line.split("|") for line in doc.splitlines() if line.startswith("| `liere::")]
+    assert len(rows) == 6
+    for row in rows:
+        name, schema = row[1].strip().strip("`"), row[2].strip().strip("`")
+        op = getattr(torch.ops.liere, name.removeprefix("liere::")).default
+        assert str(op._schema) == name + schema

@@ -24,10 +24,11 @@ op                                     computes
 The backward ops recompute their forward under autograd and differentiate it, so a
 compiled graph keeps no intermediate of the exponential. An op's implementation runs below
 the autograd dispatch key, where no autograd graph can be recorded, so the recompute runs
-on a fresh thread (``_with_autograd``: started and joined per call, nothing kept; autocast
-and inference mode are thread-local and off there, as the ops want). The backward ops have
-no autograd formula of their own: double backward runs in eager mode (the eager path is
-untouched and keeps it); ``torch.compile`` does not support double backward anyway.
+on a worker thread (``_with_autograd``; one per process, started on first use; autocast and
+inference mode are thread-local and off there, as the ops want; the caller waits). The
+backward ops have no autograd formula of their own: double backward runs in eager mode (the
+eager path is untouched and keeps it); ``torch.compile`` does not support double backward
+anyway.
 
 The dispatch functions (``block_rotations``, ``blockwise``, ``blockwise_pair``) pick the op
 while tracing and the eager path otherwise, both at full precision.
@@ -35,7 +36,9 @@ while tracing and the eager path otherwise, both at full precision.
 
 from __future__ import annotations
 
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
 import torch
@@ -63,24 +66,26 @@ def _full_precision(fn: Callable[..., Tensor], *tensors: Tensor, **kwargs: objec
     return out.to(tensors[0].dtype)
 
 
+_WORKER: Optional[tuple[int, ThreadPoolExecutor]] = None
+_WORKER_LOCK = threading.Lock()
+
+
 def _with_autograd(fn: Callable[[], Any]) -> Any:
-    """``fn()`` on a fresh thread, where autograd records (see the module's Note)."""
-    result: list[Any] = []
-    error: list[BaseException] = []
+    """``fn()`` on liere's autograd worker thread, where autograd records (see the module's
+    Note). One worker per process, started on first use (and again in a forked child): a
+    fresh thread per call costs more than the recompute at small sizes, as each new thread
+    starts its own OpenMP team."""
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is None or _WORKER[0] != os.getpid():
+            _WORKER = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="liere-autograd"))
+        worker = _WORKER[1]
 
-    def run() -> None:
-        try:
-            with torch.enable_grad():
-                result.append(fn())
-        except BaseException as err:  # re-raised on the caller's thread
-            error.append(err)
+    def run() -> Any:
+        with torch.enable_grad():
+            return fn()
 
-    worker = threading.Thread(target=run, name="liere-backward")
-    worker.start()
-    worker.join()
-    if error:
-        raise error[0]
-    return result[0]
+    return worker.submit(run).result()  # re-raises fn's exception here
 
 
 # -- the exponential -----------------------------------------------------------------------
