@@ -310,23 +310,37 @@ def test_more_squarings_than_the_kernels_take_fall_back(monkeypatch):
     assert not calls
 
 
-@pytest.mark.parametrize("pool", ["0", "256"], ids=["no-pool", "pool"])
-def test_large_outputs_are_advised_for_huge_pages(monkeypatch, pool):
-    # Note [huge pages for fresh outputs]: a hint on the 2 MB-aligned part of large outputs,
-    # newly allocated or newly pooled (Note [buffer pool])
-    monkeypatch.setenv("LIERE_POOL_MB", pool)
-    monkeypatch.setattr(K, "_pool", K._BufferPool())
-    calls = []
-    monkeypatch.setattr(
-        K, "_madvise", lambda start, length, advice: calls.append((start, length, advice)) or 0
+def _kernels_cli(env_updates, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LIERE_KERNELS": "1", **env_updates}
+    return subprocess.run(
+        [sys.executable, "-m", "liere.kernels"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
     )
-    like = torch.zeros(3, dtype=torch.float64)
-    small = K._fresh(like, 1000)
-    assert small.shape == (1000,) and small.dtype == torch.float64 and not calls
-    big = K._fresh(like, 3, 2**20)  # 24 MB
-    assert big.shape == (3, 2**20) and big.is_contiguous()
-    ((start, length, advice),) = calls
-    assert advice == 14 and start % (2 << 20) == 0 and length % (2 << 20) == 0 and length > 0
-    assert big.data_ptr() <= start and start + length <= big.data_ptr() + big.numel() * 8
-    monkeypatch.setattr(K, "_madvise", None)  # other platforms: no hint, same tensor
-    assert K._fresh(like, 3, 2**20).shape == (3, 2**20)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "getuid"), reason="POSIX permissions")
+def test_kernels_refuse_a_cache_other_users_can_write(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    proc = _kernels_cli({"LIERE_CACHE_DIR": str(shared)}, tmp_path)
+    assert proc.returncode == 1
+    assert "writable by other users" in proc.stdout and "LIERE_CACHE_DIR" in proc.stdout
+    assert list(shared.iterdir()) == []  # nothing built, nothing loaded
+
+
+def test_first_build_is_announced_and_failures_say_why(tmp_path):
+    cache = tmp_path / "cache"
+    proc = _kernels_cli({"LIERE_CACHE_DIR": str(cache), "CC": "false"}, tmp_path)
+    assert proc.returncode == 1
+    assert "compiling its CPU kernels" in proc.stderr and "python -m liere.kernels" in proc.stderr
+    assert "kernels off (compiling the kernels failed" in proc.stdout
+    assert (cache.stat().st_mode & 0o777) == 0o700

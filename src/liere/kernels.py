@@ -31,8 +31,7 @@ scatter of both. Plain C loops keep each matrix in registers or L1 instead:
 All split their work over torch's OpenMP threads: built with ``-fopenmp``, the library
 links ``libgomp.so.1``, which resolves to the copy torch has loaded, so the kernels run on
 torch's worker threads (awake right after torch's own parallel ops) instead of competing
-with them. Without OpenMP they start pthreads. Their outputs, like the library's other large
-CPU buffers, come from a pool of reused storages (Note [buffer pool]).
+with them. Without OpenMP they start pthreads. Their outputs come from torch's allocator.
 
 The source is C11 with GCC/Clang vector extensions and pthreads (no Python or torch
 headers), compiled on first use with the system C compiler (``$CC``, else
@@ -43,16 +42,20 @@ path, which is also the reference the tests compare with.
 
 Environment: ``LIERE_KERNELS=0`` (off), ``LIERE_CACHE_DIR`` (where the library is cached),
 ``CC`` (the compiler), ``LIERE_KERNELS_OPENMP=0`` (build with pthreads instead of OpenMP),
-``LIERE_KERNEL_THREADS`` (threads per call; default ``torch.get_num_threads()``),
-``LIERE_POOL_MB`` (the most the buffer pool keeps, default 256; 0 turns it off; Note [buffer
-pool]).
+``LIERE_KERNEL_THREADS`` (threads per call; default ``torch.get_num_threads()``).
+
+The first build is announced on the ``liere.kernels`` logger (a warning, so it shows by
+default) and can be done ahead of time: ``python -m liere.kernels``. The cache directory
+must belong to the current user and be writable by nobody else; otherwise the kernels stay
+off (with the reason in ``unavailable_reason()``) rather than load a library another user
+could have planted. There is no fallback to a shared temporary directory.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import math
+import logging
 import os
 import platform
 import re
@@ -62,7 +65,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -78,9 +81,9 @@ __all__ = [
     "RAY_SIZES",
     "ray_products_forward",
     "ray_products_backward",
-    "empty_cache",
-    "pooled_bytes",
 ]
+
+_LOG = logging.getLogger(__name__)
 
 # block sizes compiled; other sizes use the PyTorch path
 SIZES = (4, 8, 16, 32, 64)
@@ -726,6 +729,30 @@ def _cpu_fingerprint() -> str:
     return info
 
 
+def _unsafe_directory(path: Path) -> str:
+    """Why the library must not load from ``path`` (empty when it may): created if missing
+    (mode 0700); it must be a directory of the current user, writable by no one else."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.stat()
+    except OSError as exc:
+        return f"cannot use the kernel cache {path}: {exc} (set LIERE_CACHE_DIR)"
+    if not path.is_dir():
+        return f"the kernel cache {path} is not a directory (set LIERE_CACHE_DIR)"
+    if hasattr(os, "getuid"):
+        if info.st_uid != os.getuid():
+            return (
+                f"the kernel cache {path} belongs to another user (uid {info.st_uid}); "
+                f"set LIERE_CACHE_DIR to a directory of your own"
+            )
+        if info.st_mode & 0o022:
+            return (
+                f"the kernel cache {path} is writable by other users (mode "
+                f"{info.st_mode & 0o777:o}); chmod go-w it or set LIERE_CACHE_DIR"
+            )
+    return ""
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("LIERE_CACHE_DIR")
     if root:
@@ -753,14 +780,18 @@ def _compile(source: str) -> tuple[Optional[ctypes.CDLL], str]:
             "\0".join([source, compiler, *flags, _cpu_fingerprint(), sys.platform]).encode()
         ).hexdigest()[:20]
         suffix = ".dll" if sys.platform == "win32" else ".so"
-        try:
-            cache = _cache_dir()
-            cache.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            cache = Path(tempfile.gettempdir()) / "liere-kernels"
-            cache.mkdir(parents=True, exist_ok=True)
+        cache = _cache_dir()
+        unsafe = _unsafe_directory(cache)
+        if unsafe:
+            return None, unsafe
         lib = cache / f"kernels-{key}{suffix}"
         if not lib.exists():
+            _LOG.warning(
+                "liere: compiling its CPU kernels for this machine (once, about 10 s) into "
+                "%s; `python -m liere.kernels` does this ahead of time, LIERE_KERNELS=0 "
+                "turns them off",
+                cache,
+            )
             with tempfile.TemporaryDirectory(dir=cache) as tmp:
                 src = Path(tmp) / "kernels.c"
                 src.write_text(source)
@@ -817,15 +848,8 @@ def unavailable_reason() -> str:
 
 
 def status() -> str:
-    """One line for logs and benchmark headers: ``"kernels on"`` or why they are off, and the
-    buffer pool's limit (Note [buffer pool])."""
-    kernels = "kernels on" if available() else f"kernels off ({unavailable_reason()})"
-    limit = _pool_limit()
-    if _use_count is None:
-        pool = "buffer pool off (no storage use count in this torch)"
-    else:
-        pool = f"buffer pool {limit / 2**20:g} MB" if limit else "buffer pool off"
-    return f"{kernels}, {pool}"
+    """One line for logs and benchmark headers: ``"kernels on"`` or why they are off."""
+    return "kernels on" if available() else f"kernels off ({unavailable_reason()})"
 
 
 def usable(*tensors: Tensor, size: int, sizes: tuple[int, ...] = SIZES) -> bool:
@@ -846,169 +870,15 @@ def _threads() -> int:
     return int(os.environ.get("LIERE_KERNEL_THREADS", torch.get_num_threads()))
 
 
-# Note [huge pages for fresh outputs]
-# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-# The kernels' outputs are fresh tensors of tens of MB (a dense ViT-S layer's rotations and
-# their gradient are 19 MB each), and glibc hands such sizes back to the OS when they are
-# freed, so every call page-faults them in again 4 KB at a time: about 12,700 faults, some 9 ms
-# of a 160 ms dense layer at batch 8, most of them inside the kernels' first writes. On Linux
-# the library therefore asks for transparent huge pages on the 2 MB-aligned part of every
-# output of at least _HUGE_MIN bytes before writing it (madvise(MADV_HUGEPAGE), what PyTorch
-# itself does for every allocation under THP_MEM_ALLOC_ENABLE=1): a hint, with no effect
-# where THP is off or unsupported, and no change in what is computed.
-_HUGE_PAGE = 2 << 20
-_HUGE_MIN = 4 << 20
-_MADV_HUGEPAGE = 14
-_madvise: Optional[ctypes._CFuncPtr] = None  # type: ignore[name-defined]
-if sys.platform.startswith("linux"):
-    try:
-        _madvise = ctypes.CDLL(None, use_errno=True).madvise
-        _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _madvise.restype = ctypes.c_int
-    except (OSError, AttributeError):  # pragma: no cover - no libc symbol
-        _madvise = None
-
-
-# Note [buffer pool]
-# ~~~~~~~~~~~~~~~~~~
-# Huge pages cut the number of page faults but not the cost that remains: every fresh page is
-# zeroed by the kernel before it is handed over. A dense ViT-S layer at batch 8 allocates
-# about 150 MB of such buffers per step (coefficients, the series and its gradient, the
-# rotations and theirs, the application's outputs), which glibc returns to the OS between
-# steps (mmap above its threshold, heap trimming) and faults and zeroes again every time:
-# 12-15 ms of a 160 ms layer, measured as the difference glibc's tunables make
-# (GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967295),
-# which the library must not change for its users' whole process.
-# So large CPU buffers the library itself allocates (kernel outputs and temporaries, the
-# series and its coefficients, from _POOL_MIN to _POOL_MAX bytes) come from a small pool
-# instead: every buffer keeps its storage, and is handed out again once nothing refers to it
-# any more (the storage's use count is back to the pool's own reference: tensors saved for
-# backward, returned to the caller or cached by a module keep theirs). Tensors handed out are
-# fresh tensor objects on that storage, never views. At most LIERE_POOL_MB (default 256) MB
-# are kept, least recently used first out; LIERE_POOL_MB=0 turns the pool off;
-# ``empty_cache()`` drops every buffer nothing else uses. Contents are never read before they
-# are written. Buffers above _POOL_MAX (big grids: a 16x32x32 grid's rotations are 201 MB)
-# are not pooled: their zeroing is small next to the work on them, and free pooled buffers of
-# that size would raise peak memory (glibc reuses freed memory for other sizes; the pool does
-# not): with no such cap, training on that grid peaked 16% higher.
-_POOL_MIN = 4 << 20
-_POOL_MAX = 64 << 20
-_POOL_DEFAULT_MB = 256
-
-
-def _pool_limit() -> int:
-    try:
-        return max(0, int(float(os.environ.get("LIERE_POOL_MB", _POOL_DEFAULT_MB)) * 2**20))
-    except ValueError:
-        return _POOL_DEFAULT_MB * 2**20
-
-
-_use_count = getattr(torch._C, "_storage_Use_Count", None)
-
-
-class _BufferPool:
-    """Storages of the large buffers handed out, reused once nothing else holds them
-    (Note [buffer pool])."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        # (dtype, bytes) -> entries [storage, last use, bytes]
-        self._entries: dict[tuple[torch.dtype, int], list[list[Any]]] = {}
-        self._bytes = 0
-        self._clock = 0
-
-    def take(self, dtype: torch.dtype, shape: tuple[int, ...]) -> Optional[Tensor]:
-        """A CPU tensor of ``shape`` on a pooled storage, or None (pool off or unsupported)."""
-        limit = _pool_limit()
-        if limit == 0 or _use_count is None:
-            return None
-        nbytes = math.prod(shape) * dtype.itemsize
-        strides = [math.prod(shape[i + 1 :]) for i in range(len(shape))]
-        with self._lock:
-            self._clock += 1
-            entries = self._entries.setdefault((dtype, nbytes), [])
-            storage = None
-            for entry in entries:
-                if entry[0].nbytes() == nbytes and _use_count(entry[0]._cdata) == 1:
-                    storage, entry[1] = entry[0], self._clock
-                    break
-            if storage is None:
-                storage = torch.UntypedStorage(nbytes)
-                _advise_huge(storage.data_ptr(), nbytes)
-                if nbytes <= limit:
-                    entries.append([storage, self._clock, nbytes])
-                    self._bytes += nbytes
-                    self._evict(limit)
-            return torch.empty((), dtype=dtype).set_(storage, 0, shape, strides)
-
-    def _evict(self, limit: int) -> None:
-        """Drop the least recently used entries until at most ``limit`` bytes are kept (an
-        entry still in use is only forgotten: its holders keep the memory until they let go)."""
-        while self._bytes > limit:
-            key, idx = min(
-                ((k, i) for k, es in self._entries.items() for i in range(len(es))),
-                key=lambda ki: self._entries[ki[0]][ki[1]][1],
-            )
-            self._bytes -= self._entries[key].pop(idx)[2]
-
-    def empty(self) -> int:
-        """Forget every buffer nothing else uses; returns the bytes released."""
-        released = 0
-        with self._lock:
-            for entries in self._entries.values():
-                keep = []
-                for entry in entries:
-                    if _use_count is not None and _use_count(entry[0]._cdata) == 1:
-                        released += entry[2]
-                    else:
-                        keep.append(entry)
-                entries[:] = keep
-            self._bytes -= released
-        return released
-
-    def held_bytes(self) -> int:
-        with self._lock:
-            return self._bytes
-
-
-_pool = _BufferPool()
-
-
-def empty_cache() -> int:
-    """Release the pooled buffers the library keeps for reuse (Note [buffer pool]) that
-    nothing refers to any more; returns how many bytes were released."""
-    return _pool.empty()
-
-
-def pooled_bytes() -> int:
-    """Bytes of buffers the pool keeps (in use or free; Note [buffer pool])."""
-    return _pool.held_bytes()
-
-
-def _advise_huge(ptr: int, nbytes: int) -> None:
-    if _madvise is not None and nbytes >= _HUGE_MIN:
-        start = (ptr + _HUGE_PAGE - 1) & ~(_HUGE_PAGE - 1)
-        end = (ptr + nbytes) & ~(_HUGE_PAGE - 1)
-        if end > start:
-            _madvise(start, end - start, _MADV_HUGEPAGE)
-
-
 def _fresh(like: Tensor, *shape: int) -> Tensor:
-    """An uninitialised contiguous tensor (``like``'s shape unless ``shape`` is given): from
-    the buffer pool when on the CPU and large (Note [buffer pool]), advised for huge pages
-    when newly allocated and large (Note [huge pages for fresh outputs])."""
+    """An uninitialised contiguous tensor of ``like``'s dtype and device (``like``'s shape
+    unless ``shape`` is given), from torch's allocator. (A pool of reused storages and
+    ``madvise`` huge-page hints used to live here; both are gone: the pool needed a private
+    torch API, and neither belongs in a library. Where page faults and zeroing of large
+    buffers matter, preload jemalloc or tcmalloc, as PyTorch's CPU performance guide advises;
+    docs/performance.md has the measurement.)"""
     size = tuple(shape) if shape else tuple(like.shape)
-    if (
-        like.device.type == "cpu"
-        and _POOL_MIN <= math.prod(size) * like.element_size() <= _POOL_MAX
-    ):
-        pooled = _pool.take(like.dtype, size)
-        if pooled is not None:
-            return pooled
-    out = torch.empty(size, dtype=like.dtype, device=like.device)
-    if out.device.type == "cpu":
-        _advise_huge(out.data_ptr(), out.numel() * out.element_size())
-    return out
+    return torch.empty(size, dtype=like.dtype, device=like.device)
 
 
 def _ptr(t: Optional[Tensor]) -> Optional[int]:
@@ -1186,3 +1056,14 @@ def ray_products_backward(
         _ptr(left), _ptr(right), dst.shape[0], h, n, m, _threads(),
     )  # fmt: skip
     return d_base
+
+
+def main() -> int:
+    """``python -m liere.kernels``: build (or find) the kernels and say so."""
+    logging.basicConfig(format="%(message)s")
+    print(f"liere kernels: {status()}")
+    return 0 if available() else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
