@@ -344,3 +344,70 @@ def test_first_build_is_announced_and_failures_say_why(tmp_path):
     assert "compiling its CPU kernels" in proc.stderr and "python -m liere.kernels" in proc.stderr
     assert "kernels off (compiling the kernels failed" in proc.stdout
     assert (cache.stat().st_mode & 0o777) == 0o700
+
+
+# Note [kernel argument checks]: bad input raises before any pointer crosses
+
+
+def _series(n=5, h=2, m=2, s=8):
+    return torch.randn(n, h * m, s, s), torch.ones(n, dtype=torch.int32)
+
+
+@needs_kernels
+def test_squaring_arguments_are_checked():
+    series, js = _series()
+    K.squarings_forward(series, js, 2, 2, "batch")  # fine
+    with pytest.raises(ValueError, match=r"squarings must lie in \[0, "):
+        K.squarings_forward(series, js * (K.MAX_SQUARINGS + 1), 2, 2, "batch")
+    with pytest.raises(ValueError, match="squarings must be a CPU torch.int32"):
+        K.squarings_forward(series, js.long(), 2, 2, "batch")
+    with pytest.raises(ValueError, match="series must be contiguous"):
+        K.squarings_forward(series.transpose(-1, -2), js, 2, 2, "batch")
+    with pytest.raises(ValueError, match="need 1920"):
+        K.squarings_forward(series, js, 2, 3, "batch")
+    with pytest.raises(ValueError, match="layout must be one of"):
+        K.squarings_forward(series, js, 2, 2, "rows")
+    out = torch.zeros(2, 7, 2, 8, 8)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 6\]"):
+        K.squarings_forward(series, js, 2, 2, "batch", out, torch.arange(5) + 3)
+    with pytest.raises(ValueError, match="must be torch.float32"):
+        K.squarings_forward(series, js, 2, 2, "batch", out.double(), torch.arange(5))
+    grad = torch.randn(2, 5, 2, 8, 8)
+    with pytest.raises(ValueError, match="grad must have shape"):
+        K.squarings_backward(series, js, grad[:, :, :1], 2, 2, "batch")
+
+
+@needs_kernels
+def test_application_and_ray_arguments_are_checked():
+    q, k = torch.randn(2, 4, 10, 16), torch.randn(2, 4, 10, 16)
+    rot = torch.randn(2, 9, 2, 8, 8)
+    K.apply_forward(q, k, rot, 1)  # fine
+    with pytest.raises(ValueError, match="k must have shape"):
+        K.apply_forward(q, k[:, :2], rot, 1)
+    with pytest.raises(ValueError, match="minus 1 prefix tokens must equal the 9"):
+        K.apply_forward(q[:, :, :9], k[:, :, :9], rot, 1)
+    with pytest.raises(ValueError, match="multiple of the rotations' 3 heads"):
+        K.apply_forward(q, k, torch.randn(3, 9, 2, 8, 8), 1)
+    with pytest.raises(ValueError, match="must cover head_dim 16"):
+        K.apply_forward(q, k, torch.randn(2, 9, 4, 8, 8), 1)
+    rotations = torch.randn(2, 6, 2, 8, 8)
+    index = torch.tensor([3, 4])
+    K.ray_products_forward(rotations, index, torch.tensor([1, 2]), torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match=r"left must lie in \[0, 5\]"):
+        K.ray_products_forward(rotations, index, torch.tensor([1, 6]), torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match="right must be contiguous of shape"):
+        K.ray_products_forward(rotations, index, torch.tensor([1, 2]), torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"base must lie in \[0, 5\]"):
+        K.ray_products_backward(
+            rotations, torch.randn_like(rotations), torch.tensor([0, 9]), index,
+            torch.tensor([1, 2]), torch.tensor([2, 2]),
+        )  # fmt: skip
+
+
+@needs_kernels
+def test_a_failed_scratch_allocation_raises(monkeypatch):
+    # the C code reports allocation failure as its return status (it used to abort())
+    monkeypatch.setattr(K, "_fn", lambda *args: lambda *a: 1)
+    series, js = _series()
+    with pytest.raises(MemoryError, match="could not allocate its scratch memory"):
+        K.squarings_forward(series, js, 2, 2, "batch")
