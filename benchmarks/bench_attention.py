@@ -201,6 +201,9 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--autocast", choices=["bf16", "fp16"], help="run every case under torch.autocast"
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -212,7 +215,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
         f"tokens {n}, dim {args.dim}, heads {args.heads}, rounds {args.rounds}, seed {args.seed}, "
-        f"{K.status()}"
+        f"autocast {args.autocast or 'off'}, {K.status()}"
     )
     header = (
         f"{'mode':<12}{'batch':>6}  {'case':<16}{'ms':>9}{'x axial':>9}{'x none':>8}"
@@ -264,6 +267,19 @@ def main() -> None:
 
                 runs[case] = run
             times: dict[str, list[float]] = {c: [] for c in runs}
+            if args.autocast:
+                dtype = torch.bfloat16 if args.autocast == "bf16" else torch.float16
+
+                def autocast(
+                    fn: Callable[[], object], dtype: torch.dtype = dtype
+                ) -> Callable[[], object]:
+                    def wrapped() -> object:
+                        with torch.autocast(device.type, dtype=dtype):
+                            return fn()
+
+                    return wrapped
+
+                runs = {case: autocast(run) for case, run in runs.items()}
             for _ in range(2):  # warm-up
                 for run in runs.values():
                     run()
