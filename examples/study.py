@@ -492,6 +492,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (quick: 0)")
     parser.add_argument("--out", type=Path, help="default: results/study or results/study-quick")
     parser.add_argument("--fresh", action="store_true", help="ignore cached runs")
+    parser.add_argument(
+        "--report-only", action="store_true", help="report the cached runs only; train nothing"
+    )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads")
     args = parser.parse_args(argv)
     if args.threads:
@@ -518,6 +521,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         path = out / "runs" / f"{run.key}.json"
         if path.exists() and not args.fresh:
             record = json.loads(path.read_text())
+        elif args.report_only:
+            continue
         else:
             task = tasks[run.task]
             if run.task not in data:

@@ -298,3 +298,25 @@ def test_documented_schemas_are_the_registered_ones():
         name, schema = row[1].strip().strip("`"), row[2].strip().strip("`")
         op = getattr(torch.ops.liere, name.removeprefix("liere::")).default
         assert str(op._schema) == name + schema
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_complex_rope_matches_the_definition_values_and_grads(per_sample):
+    from liere import functional as F
+    from liere import ops
+
+    qkv = randn(2, 10, 3, 4, 16, seed=7).permute(2, 0, 3, 1, 4)  # q, k views of one tensor
+    x = qkv[0][:, :, 1:].clone().requires_grad_()
+    view = qkv[1][:, :, 1:]  # strided, as in attention
+    angles = randn(2, 4, 9, 8, seed=8) if per_sample else randn(4, 9, 8, seed=8)
+    cos, sin = angles.cos(), angles.sin()
+    for inp in (x, view):
+        torch.testing.assert_close(ops.rope(inp, cos, sin), F.apply_rope(inp, cos, sin))
+    g = randn(2, 4, 9, 16, seed=9)
+    (grad_fast,) = torch.autograd.grad(ops.rope(x, cos, sin), x, g)
+    (grad_ref,) = torch.autograd.grad(F.apply_rope(x, cos, sin), x, g)
+    torch.testing.assert_close(grad_fast, grad_ref)
+    x64 = x.detach().double().requires_grad_()
+    c64, s64 = cos.double().requires_grad_(), sin.double().requires_grad_()
+    torch.autograd.gradcheck(ops.rope, (x64, c64, s64))
+    torch.autograd.gradgradcheck(ops.rope, (x64, c64, s64))

@@ -297,7 +297,7 @@ class CayleySTRING(MixedRoPE):
         work = exact_dtype(x.dtype, x.device, tracing=F.is_tracing())
         xw, pw = x.to(work), basis.to(work)
         # x' = P^T RoPE(p) P x, row vectors: ((x P^T) turned) P
-        turned = F.apply_rope(torch.matmul(xw, pw.mT), cos.to(work), sin.to(work))
+        turned = ops.rope(torch.matmul(xw, pw.mT), cos.to(work), sin.to(work))
         return torch.matmul(turned, pw).to(x.dtype)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:

@@ -513,7 +513,7 @@ class _PairwiseRoPE(RotaryEncoding):
 
     def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:
         cos, sin = rotation
-        return F.apply_rope(x, cos, sin)
+        return ops.rope(x, cos, sin)
 
 
 class AxialRoPE(_PairwiseRoPE):
@@ -705,7 +705,7 @@ class BlockRotaryEncoding(RotaryEncoding):
 
     def _rotate(self, x: Tensor, rotation: Rotation) -> Tensor:
         if isinstance(rotation, tuple):
-            return F.apply_rope(x, *rotation)
+            return ops.rope(x, *rotation)
         if self._is_frozen_while_tracing(rotation):
             return F.apply_blockwise_exact(x, rotation)
         return ops.blockwise(x, rotation)

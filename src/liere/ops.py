@@ -47,7 +47,7 @@ from torch import Tensor
 from . import functional as F
 from .precision import exact_dtype
 
-__all__ = ["block_rotations", "blockwise", "blockwise_pair"]
+__all__ = ["block_rotations", "blockwise", "blockwise_pair", "rope"]
 
 
 def _rotation_shape(positions: Tensor, bases: Tensor) -> tuple[int, ...]:
@@ -381,3 +381,36 @@ def blockwise_pair(
         q.to(work), k.to(work), rotations.to(work), num_prefix_tokens=num_prefix_tokens
     )
     return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+# -- RoPE ----------------------------------------------------------------------------------
+# Note [complex RoPE]: turning channel pairs is multiplying complex numbers, x' = x e^{i t}.
+# ``F.apply_rope`` (the definition) spells it as four products, two sums and a stack over
+# strided views of q and k: seven passes. In eager mode one complex multiplication over a
+# complex view of x does it in one (the same products and sums, so the same values; autograd
+# gives the real gradient); measured 14x faster forward and 5x forward + backward for
+# ViT-S q at batch 8 on one thread (docs/performance.md). Inside a traced graph the real
+# formulation stays (inductor fuses it; complex support in compilers is patchy).
+
+
+def _complex_view_ok(x: Tensor) -> bool:
+    return (
+        x.dtype in (torch.float32, torch.float64)
+        and x.shape[-1] % 2 == 0
+        and x.stride(-1) == 1
+        and x.storage_offset() % 2 == 0
+        and all(st % 2 == 0 for st in x.stride()[:-1])
+    )
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """``F.apply_rope``, as one complex multiplication in eager mode (Note [complex RoPE]).
+
+    Shape:
+        as ``F.apply_rope``
+    """
+    if F.is_tracing() or not _complex_view_ok(x) or cos.dtype != x.dtype or x.numel() == 0:
+        return F.apply_rope(x, cos, sin)
+    turn = torch.complex(cos, sin)
+    out = torch.view_as_complex(x.unflatten(-1, (-1, 2))) * turn
+    return torch.view_as_real(out).flatten(-2)
