@@ -1,4 +1,5 @@
-"""Pure tensor maths of rotary position encodings: ``x' = exp(sum_a p_a A_a) x``.
+"""The speed layer's tensor maths: fast ``x' = exp(sum_a p_a A_a) x`` (the definition, the
+reference path and the notation are in ``liere.definition``, re-exported here).
 
 Axis letters used in every ``Shape:`` section: ``b`` batch, ``h`` heads, ``n`` tokens,
 ``d`` head_dim, ``a`` position axes, ``m`` blocks per head (``d // s``), ``s`` block size,
@@ -18,6 +19,16 @@ import torch
 from torch import Tensor
 
 from liere import kernels as _kernels
+
+from .definition import (
+    apply_blockwise_exact,
+    apply_rope,
+    block_generators,
+    expm_skew_reference,
+    rope_angles,
+    skew_symmetric,
+    upper_triangle_index,
+)
 
 __all__ = [
     "skew_symmetric",
@@ -57,57 +68,6 @@ _TAYLOR = {torch.float32: (4, 3, 1.3), torch.float64: (5, 4, 1.0)}
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """The dtype rotations are built in: float64 if any input is float64, else float32."""
     return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
-def upper_triangle_index(size: int, device: Optional[torch.device] = None) -> Tensor:
-    """Flat positions ``row * size + col`` of the strictly upper triangle, row-major (the
-    order of ``skew_symmetric``'s parameters).
-
-    Shape:
-        ``(size * (size - 1) // 2,)`` (int64)
-    """
-    rows, cols = torch.triu_indices(size, size, offset=1, device=device)
-    return rows * size + cols
-
-
-def skew_symmetric(params: Tensor, size: int, *, index: Optional[Tensor] = None) -> Tensor:
-    """``A = U - U^T`` from the strictly upper-triangular entries of ``U`` (row-major).
-
-    The result is exactly skew-symmetric (``A == -A.mT`` bit for bit). ``index``:
-    ``upper_triangle_index(size)`` on ``params``' device, when the caller keeps one.
-
-    Shape:
-        params ``(..., size * (size - 1) // 2)`` -> ``(..., size, size)``
-    """
-    expected = size * (size - 1) // 2
-    if params.shape[-1] != expected:
-        raise ValueError(
-            f"params must end in size*(size-1)/2 = {expected} entries for size {size}; "
-            f"got shape {tuple(params.shape)}."
-        )
-    if index is None:
-        index = upper_triangle_index(size, params.device)
-    upper = params.new_zeros(*params.shape[:-1], size * size)
-    upper.index_copy_(-1, index, params)  # one copy into the flat upper triangle
-    square = upper.unflatten(-1, (size, size))
-    return square - square.mT
-
-
-def block_generators(positions: Tensor, bases: Tensor) -> Tensor:
-    """``G[.., h, n, m] = sum_a p[.., n, a] * B[h, a, m]``, elementwise over the few axes.
-
-    Shape:
-        positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)``
-        -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``
-    """
-    h, a, m, s, _ = bases.shape
-    flat = bases.reshape(h, 1, a, m * s * s)
-    p = positions.unsqueeze(-3)  # (.., 1, n, a)
-    # elementwise, axis by axis (Note [matmul precision]: no reduced-precision matmul)
-    gen = p[..., 0:1] * flat[:, :, 0]
-    for axis in range(1, a):
-        gen = gen + p[..., axis : axis + 1] * flat[:, :, axis]
-    return gen.unflatten(-1, (m, s, s))
 
 
 # Note [small-block layout]
@@ -1332,19 +1292,6 @@ def _direct_rotations(
     return out.contiguous(), False
 
 
-def expm_skew_reference(gen: Tensor) -> Tensor:
-    """``torch.linalg.matrix_exp`` over a flattened batch (the reference path).
-
-    Flattening first avoids matrix_exp's "view size is not compatible" failure on batches
-    whose dims cannot be merged (permuted or einsum outputs).
-
-    Shape:
-        ``(..., s, s)`` -> ``(..., s, s)``
-    """
-    size = gen.shape[-1]
-    return torch.linalg.matrix_exp(gen.reshape(-1, size, size)).reshape(gen.shape)
-
-
 def is_tracing() -> bool:
     """True while torch.compile, torch.export, TorchScript tracing or ONNX export traces the
     code: data-dependent choices (the squaring count, caches, input checks) are skipped then."""
@@ -1425,21 +1372,6 @@ def apply_blockwise_pair(
             out: tuple[Tensor, Tensor] = _BlockwisePair.apply(q, k, rotations, p)
             return out
     return _blockwise_pair_plain(q, k, rotations, p)
-
-
-def apply_blockwise_exact(x: Tensor, rotations: Tensor) -> Tensor:
-    """``apply_blockwise`` as elementwise products and a sum: no matmul, so no
-    matmul-precision setting rounds it (Note [matmul precision]), and an exported graph holds
-    only Mul and ReduceSum. Materialises ``(.., d, s)`` products unless compiled (inductor
-    fuses them); used for frozen rotations inside traced graphs.
-
-    Shape:
-        as ``apply_blockwise``
-    """
-    m, s = rotations.shape[-3], rotations.shape[-1]
-    xb = x.unflatten(-1, (m, s)).unsqueeze(-2)  # (b, h, n, m, 1, s)
-    rot = rotations if rotations.dim() == 6 else rotations.unsqueeze(0)
-    return (rot * xb).sum(dim=-1).flatten(-2)
 
 
 def _apply_few(x: Tensor, rotations: Tensor) -> Tensor:
@@ -1557,34 +1489,3 @@ class _BlockwisePair(torch.autograd.Function):
             d_q = _scatter_blocks(d_x[:, :, :, 0], grad_q, p)
             d_k = _scatter_blocks(d_x[:, :, :, 1], grad_k, p)
         return d_q, d_k, d_rot, None
-
-
-def rope_angles(positions: Tensor, freqs: Tensor) -> Tensor:
-    """``theta[.., h, n, k] = sum_a p[.., n, a] * f[h, a, k]``.
-
-    Elementwise, axis by axis: no matmul, so no matmul-precision setting can round the angles
-    (Note [matmul precision] in ``liere.precision``).
-
-    Shape:
-        positions ``(n, a)`` or ``(b, n, a)``; freqs ``(h, a, k)``
-        -> ``(h, n, k)`` or ``(b, h, n, k)``
-    """
-    p = positions.unsqueeze(-3)  # (.., 1, n, a)
-    f = freqs.unsqueeze(-3)  # (h, 1, a, k)
-    angles = p[..., 0:1] * f[..., 0, :]
-    for axis in range(1, freqs.shape[-2]):
-        angles = angles + p[..., axis : axis + 1] * f[..., axis, :]
-    return angles
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate each adjacent channel pair ``(x[2k], x[2k+1])`` by its angle.
-
-    ``x'[2k] = x[2k] cos - x[2k+1] sin``, ``x'[2k+1] = x[2k] sin + x[2k+1] cos``: the rotation
-    ``exp(theta [[0, -1], [1, 0]])``, i.e. a 2x2 LieRE block whose upper entry is ``-theta``.
-
-    Shape:
-        x ``(b, h, n, 2k)``; cos, sin broadcastable to ``(b, h, n, k)`` -> ``(b, h, n, 2k)``
-    """
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    return torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
