@@ -320,3 +320,20 @@ def test_complex_rope_matches_the_definition_values_and_grads(per_sample):
     c64, s64 = cos.double().requires_grad_(), sin.double().requires_grad_()
     torch.autograd.gradcheck(ops.rope, (x64, c64, s64))
     torch.autograd.gradgradcheck(ops.rope, (x64, c64, s64))
+
+
+def test_backward_op_works_from_inside_a_recompute_and_reraises_errors():
+    # a backward op called on liere's autograd worker (nested) must not wait on itself
+    from liere import ops
+
+    positions, bases = grid_positions(3, 3), _bases(8)
+    rot = OPS.lie_rotations(positions, bases, None)
+    grad = torch.randn_like(rot)
+    expected = OPS.lie_rotations_backward(grad, positions, bases, None, False)
+    nested = ops._with_autograd(
+        lambda: OPS.lie_rotations_backward(grad, positions, bases, None, False)
+    )
+    for a, b in zip(nested, expected):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ZeroDivisionError):
+        ops._with_autograd(lambda: 1 / 0)

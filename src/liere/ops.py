@@ -85,7 +85,29 @@ def _with_autograd(fn: Callable[[], Any]) -> Any:
         with torch.enable_grad():
             return fn()
 
+    if threading.current_thread().name.startswith("liere-autograd"):
+        # already on the worker (a liere op inside a recompute): a second thread, not a wait
+        # on ourselves
+        done: list[Any] = []
+        helper = threading.Thread(target=lambda: done.append(_capture(run)))
+        helper.start()
+        helper.join()
+        return _unwrap(done[0])
     return worker.submit(run).result()  # re-raises fn's exception here
+
+
+def _capture(fn: Callable[[], Any]) -> tuple[bool, Any]:
+    try:
+        return True, fn()
+    except BaseException as err:  # re-raised by _unwrap on the caller's thread
+        return False, err
+
+
+def _unwrap(outcome: tuple[bool, Any]) -> Any:
+    ok, value = outcome
+    if not ok:
+        raise value
+    return value
 
 
 # -- the exponential -----------------------------------------------------------------------
