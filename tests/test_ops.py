@@ -316,8 +316,10 @@ def test_complex_rope_matches_the_definition_values_and_grads(per_sample):
     (grad_fast,) = torch.autograd.grad(ops.rope(x, cos, sin), x, g)
     (grad_ref,) = torch.autograd.grad(F.apply_rope(x, cos, sin), x, g)
     torch.testing.assert_close(grad_fast, grad_ref)
-    x64 = x.detach().double().requires_grad_()
-    c64, s64 = cos.double().requires_grad_(), sin.double().requires_grad_()
+    # gradcheck and gradgradcheck on a small slice (they cost per input element)
+    x64 = x.detach()[:1, :2, :3, :8].double().requires_grad_()
+    small = angles[..., :2, :3, :4] if not per_sample else angles[:1, :2, :3, :4]
+    c64, s64 = small.cos().double().requires_grad_(), small.sin().double().requires_grad_()
     torch.autograd.gradcheck(ops.rope, (x64, c64, s64))
     torch.autograd.gradgradcheck(ops.rope, (x64, c64, s64))
 
