@@ -10,6 +10,7 @@ from conftest import randn
 
 from liere import LieRE, RotaryAttention, grid_positions
 from liere import functional as F
+from liere.speed import taylor
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +53,7 @@ def test_taylor_backward_matches_autograd(size, squarings):
 def test_entry_major_product_in_row_chunks(monkeypatch):
     a, b = randn(8, 8, 23, seed=1), randn(8, 8, 23, seed=2)
     whole = F._entry_major_mm(a, b)
-    monkeypatch.setattr(F, "_ENTRY_MAJOR_CHUNK", 5)  # 23 = 4 chunks of 5 + 3
+    monkeypatch.setattr(taylor, "_ENTRY_MAJOR_CHUNK", 5)  # 23 = 4 chunks of 5 + 3
     chunked = F._entry_major_mm(a, b)
     ref = torch.bmm(a.permute(2, 0, 1), b.permute(2, 0, 1)).permute(1, 2, 0)
     torch.testing.assert_close(chunked, whole, atol=0, rtol=0)

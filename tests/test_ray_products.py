@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from liere import LieRE, grid_positions
 from liere import functional as F
 from liere import kernels as K
+from liere.speed import rays
 
 
 def dense_bases(heads=2, axes=2, blocks=1, size=8, seed=0, scale=1.0, dtype=torch.float32):
@@ -34,7 +35,7 @@ def squarings(positions, bases):
 
 
 def no_rays(monkeypatch):
-    monkeypatch.setattr(F, "_ray_plan", lambda positions, js: None)
+    monkeypatch.setattr(rays, "_ray_plan", lambda positions, js: None)
 
 
 # -- the plan ---------------------------------------------------------------------------------
@@ -103,18 +104,18 @@ def test_plan_leaves_repeated_positions_and_unsquared_tokens_direct():
 
 def test_plan_is_cached_per_positions_and_squarings(monkeypatch):
     built = []
-    build = F._build_ray_plan
-    monkeypatch.setattr(F, "_RAY_PLAN_CACHE", {})
-    monkeypatch.setattr(F, "_build_ray_plan", lambda p, j: built.append(1) or build(p, j))
+    build = rays._build_ray_plan
+    monkeypatch.setattr(rays, "_RAY_PLAN_CACHE", {})
+    monkeypatch.setattr(rays, "_build_ray_plan", lambda p, j: built.append(1) or build(p, j))
     positions, js = grid_positions(5, 5), torch.ones(25, dtype=torch.long)
-    first = F._ray_plan(positions, js)
-    assert F._ray_plan(positions.clone(), js.clone()) is first and len(built) == 1
-    F._ray_plan(positions, js * 2)
-    F._ray_plan(grid_positions(5, 6), torch.ones(30, dtype=torch.long))
+    first = rays._ray_plan(positions, js)
+    assert rays._ray_plan(positions.clone(), js.clone()) is first and len(built) == 1
+    rays._ray_plan(positions, js * 2)
+    rays._ray_plan(grid_positions(5, 6), torch.ones(30, dtype=torch.long))
     assert len(built) == 3
-    for k in range(2 * F._RAY_PLAN_CACHE_SIZE):
-        F._ray_plan(grid_positions(3, 3 + k), torch.ones(3 * (3 + k), dtype=torch.long))
-    assert len(F._RAY_PLAN_CACHE) <= F._RAY_PLAN_CACHE_SIZE
+    for k in range(2 * rays._RAY_PLAN_CACHE_SIZE):
+        rays._ray_plan(grid_positions(3, 3 + k), torch.ones(3 * (3 + k), dtype=torch.long))
+    assert len(rays._RAY_PLAN_CACHE) <= rays._RAY_PLAN_CACHE_SIZE
 
 
 # -- values and gradients ---------------------------------------------------------------------
@@ -195,7 +196,7 @@ def test_compiled_ray_products_match_torch(size, dtype):
 def test_positions_that_need_a_gradient_stay_direct(monkeypatch):
     calls = []
     plan = F._ray_plan
-    monkeypatch.setattr(F, "_ray_plan", lambda p, j: calls.append(1) or plan(p, j))
+    monkeypatch.setattr(rays, "_ray_plan", lambda p, j: calls.append(1) or plan(p, j))
     positions = grid_positions(6, 6, dtype=torch.float64).requires_grad_(True)
     bases = dense_bases(size=8, scale=2.0, dtype=torch.float64)
     fast = F.lie_rotations(positions, bases)

@@ -785,8 +785,9 @@ class LieRE(BlockRotaryEncoding):
         self.num_blocks = head_dim // block_size
         # "auto" (fast path) or "matrix_exp" (torch.linalg.matrix_exp, the reference path)
         self.exp_method = "auto"
-        # Note [re-orthogonalisation] in liere.functional: float32 blocks whose generator-norm
-        # bound exceeds this (far past the training range) get one Newton-Schulz step; None: off
+        # Note [re-orthogonalisation] in liere.speed.extrapolation: float32 blocks whose
+        # generator-norm bound exceeds this (far past the training range) get one Newton-Schulz
+        # step; None: off
         self.reorthogonalize_above: Optional[float] = F.REORTHOGONALIZE_ABOVE
         self.init = init
         self.init_scale = float(init_scale)

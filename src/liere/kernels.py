@@ -5,21 +5,21 @@ Note [compiled kernels]
 ~~~~~~~~~~~~~~~~~~~~~~~
 After the series GEMM the work left per token is small (an 8x8 product is 512 multiply-adds)
 but there are many tokens: torch.bmm of 9,408 8x8 matrices spends most of its time on
-per-matrix overhead, the eager entry-major products of ``functional`` make one pass over
+per-matrix overhead, the eager entry-major products of ``liere.speed.taylor`` make one pass over
 the whole batch per multiply-add row, and rotating q and k through bmm needs a gather and a
 scatter of both. Plain C loops keep each matrix in registers or L1 instead:
 
 * ``squarings``: ``R = T^(2^j_n)`` per matrix, each token with its own ``j_n`` (Note
-  [per-token squarings] in ``functional``), written straight into the ``(h, n, m, s, s)``
-  layout the application reads (into given rows of a larger tensor when some tokens come
-  from products along rays). Blocks up to 16 are squared 16 at a time, one matrix per
-  vector lane; blocks of 32 and 64 one at a time with a register-tiled product. The backward
-  recomputes the squares from ``T`` (nothing but ``T`` is saved) and runs
+  [per-token squarings] in ``liere.speed.token_squarings``), written straight into the
+  ``(h, n, m, s, s)`` layout the application reads (into given rows of a larger tensor when
+  some tokens come from products along rays). Blocks up to 16 are squared 16 at a time, one
+  matrix per vector lane; blocks of 32 and 64 one at a time with a register-tiled product.
+  The backward recomputes the squares from ``T`` (nothing but ``T`` is saved) and runs
   ``G <- G S^T + S^T G`` per matrix. Keeping the squares instead was measured slower here
   (57 MB more written and read per dense ViT-S layer at batch 8 cost more than the third of
   the backward's products it saves), with or without huge pages.
 * ``rays``: ``R[dst] = R[left] @ R[right]`` for the tokens split along rays (Note [products
-  along rays] in ``functional``), one task per (head, block), operands copied into L1-sized
+  along rays] in ``liere.speed.rays``), one task per (head, block), operands copied into L1-sized
   buffers first (a product read straight from a tensor of tens of MB stalled on every first
   touch, 4x slower); the backward accumulates in a per-task scratch and writes out the
   gradient of the directly computed tokens only.
@@ -128,7 +128,7 @@ _GEMM = _read_source("gemm.c.in")
 _RAYS = _read_source("rays.c.in")
 
 
-# One instance per (real type, block size S). Layout letters as in liere.functional. The
+# One instance per (real type, block size S). Layout letters as in liere.speed.taylor. The
 # squarings work on LW matrices at once, one per vector lane ("structure of arrays"): every
 # multiply-add is a full-width vector operation with no dependency between lanes.
 _SQUARINGS = _read_source("squarings.c.in")
@@ -599,7 +599,7 @@ def apply_backward(
 
 def ray_products_forward(rotations: Tensor, dst: Tensor, left: Tensor, right: Tensor) -> None:
     """In place, item by item: ``R[:, dst_i] = R[:, left_i] @ R[:, right_i]`` (Note [products
-    along rays] in ``functional``); items in level order (a token is written before it is
+    along rays] in ``liere.speed.rays``); items in level order (a token is written before it is
     read).
 
     Shape:

@@ -1,0 +1,272 @@
+"""The Taylor series of exp(sum_a p_a B_a) as one GEMM of position monomials against per-block
+coefficients (one or two axes).
+
+Part of the speed layer (``liere.speed``); the definition is ``liere.definition``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from liere import kernels as _kernels
+
+# Note [series as a polynomial in the positions]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# LieRE's generator is linear in the position, X(p) = sum_a p_a B_a, so the truncated series
+# T(X(p)) = sum_{k<=m} X(p)^k / k! is a polynomial of degree m in p whose matrix coefficients
+# depend on the bases only: T(X(p)) = sum_{|e|<=m} p^e C_e / |e|!, where C_e is the sum of all
+# products of |e| bases with e_a copies of B_a. The C_e follow from C_e = sum_a B_a C_{e-1_a},
+# one bmm per degree for every head and block at once (O(m^2) products per block, not per
+# token); the series for every token is then a single GEMM of monomials (tokens x T) with
+# coefficients (T x blocks*s*s) (``_SeriesProduct``: its buffers come from the buffer pool,
+# Note [buffer pool] in ``liere.kernels``). Per-token products are left for the squarings only, and
+# since the degree no longer costs per-token products it is raised (theta 2.1 instead of 1.3),
+# which saves a squaring. Used for one or two axes (T = m+1 or (m+1)(m+2)/2 = 15 or 120 in
+# float32); with three axes T = 680 and Paterson-Stockmeyer per token is cheaper.
+# Float32's degree 14 is a trade: degree 16 (theta 2.69) saves a third of a squaring per token
+# but costs 27% more coefficients and GEMM, and measured about 8 ms slower per dense ViT-S layer
+# at batch 8 (5% of it) with products along rays; degree 12 was 3 ms faster still. Accuracy on
+# the paper's 14x14 grid, max |R - exp| against float64 (dense 64x64 / 8x8 blocks): degree 16
+# 6.4e-6 / 4.0e-6, degree 14 7.1e-6 / 5.5e-6, degree 12 9.5e-6 / 5.5e-6; float32
+# torch.linalg.matrix_exp 1.5e-5 / 5.0e-6.
+#
+# Note [coefficient range]
+# ~~~~~~~~~~~~~~~~~~~~~~~~
+# ||C_e|| can reach binom(|e|, e_0) * prod_a ||B_a||^(e_a): with dense 64x64 blocks at the
+# paper's init (||B_a|| about 130) degree-16 coefficients in float32 reached 3e36, a factor
+# 100 from overflow, and generators twice as large gave inf and NaN. The bases are therefore
+# scaled by 2^-e to a norm below 1 (e from the largest ||B_a||) and the positions by 2^e, which
+# leaves every generator p_a B_a as it was, bit for bit (powers of two), and bounds ||C_e|| by
+# binom(degree, degree / 2) (3,432 at degree 14).
+# (degree, theta): theta^(degree+1)/(degree+1)! below the unit roundoff
+_POLY = {torch.float32: (14, 2.11), torch.float64: (24, 2.30)}
+_POLY_MAX_AXES = 2
+
+
+def _uses_polynomial(dtype: torch.dtype, num_axes: int) -> bool:
+    return dtype in _POLY and num_axes <= _POLY_MAX_AXES
+
+
+def _poly_coefficients(bases: Tensor, degree: int) -> Tensor:
+    """Coefficients ``C_e`` (Note [series as a polynomial in the positions]), side by side.
+
+    Monomials are ordered by degree ``k``, then by the power ``i`` of the first axis
+    (``p_0^i p_1^(k-i)`` for two axes). One bmm per degree forward, two backward
+    (``_PolyCoefficients``).
+
+    Shape:
+        bases ``(h, a, m, s, s)``, a <= 2 -> ``(h*m, s, T*s)``
+    """
+    out: Tensor = _PolyCoefficients.apply(_stack_axes(bases), degree)
+    return out
+
+
+def _stack_axes(bases: Tensor) -> Tensor:
+    """``[B_0; B_1]`` stacked by rows for every (head, block): ``(h, a, m, s, s)`` ->
+    ``(h*m, a*s, s)``, so one bmm multiplies every axis with every coefficient block."""
+    h, a, m, s, _ = bases.shape
+    return bases.transpose(0, 1).reshape(a, h * m, s, s).transpose(0, 1).reshape(h * m, a * s, s)
+
+
+def _level_offsets(degree: int, a: int) -> list[int]:
+    """Column-block offset of each degree's coefficients (``k + 1`` blocks per degree for
+    two axes, one for one axis); the last entry is ``T``."""
+    offsets = [0]
+    for k in range(degree + 1):
+        offsets.append(offsets[-1] + (k + 1 if a == 2 else 1))
+    return offsets
+
+
+def _poly_coefficients_plain(stacked: Tensor, degree: int) -> Tensor:
+    """``_PolyCoefficients`` in plain autograd ops (the reference; double backward).
+
+    Shape:
+        stacked ``(h*m, a*s, s)`` (``_stack_axes``) -> ``(h*m, s, T*s)``
+    """
+    s = stacked.shape[-1]
+    level = torch.eye(s, dtype=stacked.dtype, device=stacked.device).expand(stacked.shape[0], s, s)
+    levels = [level]
+    for _ in range(degree):
+        prod = torch.bmm(stacked, level)  # (hm, a*s, D*s): row block a = B_a @ each C_e
+        if stacked.shape[1] == s:
+            level = prod
+        else:  # C_(i, k-i) = B_0 C_(i-1, k-i) + B_1 C_(i, k-1-i)
+            level = torch.nn.functional.pad(prod[:, :s], (s, 0)) + torch.nn.functional.pad(
+                prod[:, s:], (0, s)
+            )
+        levels.append(level)
+    return torch.cat(levels, dim=-1)
+
+
+class _PolyCoefficients(torch.autograd.Function):
+    """The coefficient recursion written into one buffer, with a hand-written backward: per
+    degree ``G_prod = [G_k shifted; G_k]``, ``dS += G_prod @ C_(k-1)^T`` and
+    ``G_(k-1) += S^T @ G_prod`` (autograd through pad/cat/slice costs about twice as much)."""
+
+    @staticmethod
+    def forward(ctx: Any, stacked: Tensor, degree: int) -> Tensor:
+        hm, rows, s = stacked.shape
+        a = rows // s
+        offsets = _level_offsets(degree, a)
+        out = _kernels._fresh(stacked, hm, s, offsets[-1] * s)
+        out[:, :, :s].copy_(torch.eye(s, dtype=stacked.dtype, device=stacked.device))
+        for k in range(1, degree + 1):
+            prev = out[:, :, offsets[k - 1] * s : offsets[k] * s]
+            level = out[:, :, offsets[k] * s : offsets[k + 1] * s]
+            if a == 1:
+                torch.bmm(stacked, prev, out=level)
+                continue
+            prod = torch.bmm(stacked, prev)  # (hm, 2s, k*s)
+            level[:, :, : k * s].copy_(prod[:, s:])
+            level[:, :, k * s :].zero_()
+            level[:, :, s:].add_(prod[:, :s])
+        ctx.save_for_backward(stacked, out)
+        ctx.degree = degree
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None]:
+        stacked, out = ctx.saved_tensors
+        degree = ctx.degree
+        if torch.is_grad_enabled():  # create_graph=True: recompute differentiably
+            with torch.enable_grad():
+                ref = _poly_coefficients_plain(stacked, degree)
+                (d,) = torch.autograd.grad(ref, stacked, grad, create_graph=True)
+            return d, None
+        hm, rows, s = stacked.shape
+        a = rows // s
+        offsets = _level_offsets(degree, a)
+        d_stacked = torch.zeros_like(stacked)
+        st = stacked.mT
+        carry: Optional[Tensor] = None  # gradient reaching degree k from degree k + 1
+        for k in range(degree, 0, -1):
+            g = grad[:, :, offsets[k] * s : offsets[k + 1] * s]
+            if carry is not None:
+                g = g + carry
+            prev = out[:, :, offsets[k - 1] * s : offsets[k] * s]
+            # one cat of the level's gradient, then one product each way: splitting it into
+            # two products per half writes into strided halves of dS, which ATen runs as a
+            # loop over matrices (3x slower for 8x8 blocks, measured)
+            g_prod = g if a == 1 else torch.cat((g[:, :, s:], g[:, :, : k * s]), dim=1)
+            d_stacked.baddbmm_(g_prod, prev.mT)
+            if k > 1:
+                carry = torch.bmm(st, g_prod)
+        return d_stacked, None
+
+
+def _series_product_plain(coefficients: Tensor, weights: Tensor, entry_major: bool) -> Tensor:
+    """The series of every token from the coefficients (``_SeriesProduct`` in plain ops).
+
+    Shape:
+        coefficients ``(hm, s, T*s)``, weights ``(N, T)`` -> entry-major ``(s, s, hm, N)`` or
+        batch-major ``(N, hm, s, s)``
+    """
+    hm, s, ts = coefficients.shape
+    terms, count = ts // s, weights.shape[0]
+    blocks = coefficients.view(hm, s, terms, s)
+    if entry_major:  # (s*s*hm, T) @ (T, N)
+        flat = blocks.permute(1, 3, 0, 2).reshape(-1, terms)
+        return torch.matmul(flat, weights.mT).view(s, s, hm, count)
+    flat = blocks.permute(2, 0, 1, 3).reshape(terms, -1)  # (N, T) @ (T, hm*s*s)
+    return torch.matmul(weights, flat).view(count, hm, s, s)
+
+
+class _SeriesProduct(torch.autograd.Function):
+    """``_series_product_plain`` with every large buffer (the coefficients laid out for the
+    GEMM, the series, and their gradients) from the buffer pool (Note [buffer pool] in
+    ``liere.kernels``): one permuted copy and one GEMM each way. Saves the coefficients (which
+    ``_PolyCoefficients`` keeps anyway), the weights, and the permuted copy only when the
+    weights need a gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, coefficients: Tensor, weights: Tensor, entry_major: bool) -> Tensor:
+        hm, s, ts = coefficients.shape
+        terms, count = ts // s, weights.shape[0]
+        blocks = coefficients.view(hm, s, terms, s)
+        fresh = _kernels._fresh
+        if entry_major:  # (s*s*hm, T) @ (T, N) -> (s, s, hm, N)
+            flat = fresh(coefficients, s, s, hm, terms)
+            flat.copy_(blocks.permute(1, 3, 0, 2))
+            out = fresh(coefficients, s, s, hm, count)
+            torch.mm(flat.view(-1, terms), weights.mT, out=out.view(-1, count))
+        else:  # (N, T) @ (T, hm*s*s) -> (N, hm, s, s)
+            flat = fresh(coefficients, terms, hm, s, s)
+            flat.copy_(blocks.permute(2, 0, 1, 3))
+            out = fresh(coefficients, count, hm, s, s)
+            torch.mm(weights, flat.view(terms, -1), out=out.view(count, -1))
+        ctx.entry_major = entry_major
+        ctx.save_for_backward(coefficients, weights, flat if ctx.needs_input_grad[1] else None)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:
+        coefficients, weights, flat = ctx.saved_tensors
+        entry_major = ctx.entry_major
+        need_coef, need_weights = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph=True: recompute in differentiable plain ops
+            inputs = [t for t, need in ((coefficients, need_coef), (weights, need_weights)) if need]
+            with torch.enable_grad():
+                ref = _series_product_plain(coefficients, weights, entry_major)
+                grads = iter(torch.autograd.grad(ref, inputs, grad, create_graph=True))
+            return (
+                (next(grads) if need_coef else None),
+                (next(grads) if need_weights else None),
+                None,
+            )
+        hm, s, ts = coefficients.shape
+        terms, count = ts // s, weights.shape[0]
+        g = grad.contiguous()
+        d_coef = d_weights = None
+        if need_coef:
+            fresh = _kernels._fresh
+            if entry_major:  # d_flat (s*s*hm, T) = g (s*s*hm, N) @ W (N, T)
+                d_flat = fresh(grad, s, s, hm, terms)
+                torch.mm(g.view(-1, count), weights, out=d_flat.view(-1, terms))
+                d_blocks = d_flat.permute(2, 0, 3, 1)  # (hm, s, T, s)
+            else:  # d_flat (T, hm*s*s) = W^T (T, N) @ g (N, hm*s*s)
+                d_flat = fresh(grad, terms, hm, s, s)
+                torch.mm(weights.mT, g.view(count, -1), out=d_flat.view(terms, -1))
+                d_blocks = d_flat.permute(1, 2, 0, 3)  # (hm, s, T, s)
+            d_coef = fresh(grad, hm, s, ts)
+            d_coef.view(hm, s, terms, s).copy_(d_blocks)
+        if need_weights:  # positions that need gradients
+            if entry_major:  # d_W (N, T) = g^T (N, s*s*hm) @ flat (s*s*hm, T)
+                d_weights = g.view(-1, count).mT @ flat.view(-1, terms)
+            else:  # d_W (N, T) = g (N, hm*s*s) @ flat^T (hm*s*s, T)
+                d_weights = g.view(count, -1) @ flat.view(terms, -1).mT
+        return d_coef, d_weights, None
+
+
+def _poly_weights(positions: Tensor, degree: int) -> Tensor:
+    """Monomials ``p^e / |e|!`` in the order of ``_poly_coefficients`` (powers by a cumulative
+    product, so gradients stay finite at p = 0; a handful of ops whatever the degree).
+
+    Shape:
+        positions ``(N, a)``, a <= 2 -> ``(N, T)``
+    """
+    n, a = positions.shape
+    ones = positions.new_ones(n, a, 1)
+    powers = torch.cat((ones, positions.unsqueeze(-1).expand(n, a, degree)), dim=-1).cumprod(-1)
+    first, second, scale = _monomial_table(degree, a, positions.device, positions.dtype)
+    if a == 1:
+        return powers[:, 0] * scale
+    return powers[:, 0, first] * powers[:, 1, second] * scale
+
+
+def _monomial_table(
+    degree: int, axes: int, device: torch.device, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Powers of each axis and ``1/|e|!`` for every monomial, in ``_poly_coefficients`` order
+    (degree ``k``, then the power ``i`` of the first axis: ``p_0^i p_1^(k-i)``)."""
+    if axes == 1:
+        exps = [(k, 0, k) for k in range(degree + 1)]
+    else:
+        exps = [(i, k - i, k) for k in range(degree + 1) for i in range(k + 1)]
+    first = torch.tensor([e[0] for e in exps], device=device)
+    second = torch.tensor([e[1] for e in exps], device=device)
+    scale = torch.tensor([1.0 / math.factorial(e[2]) for e in exps], device=device, dtype=dtype)
+    return first, second, scale

@@ -1,0 +1,252 @@
+"""The dispatch of the exponential: the few-token path, the fast path and ``lie_rotations``.
+
+Part of the speed layer (``liere.speed``); the definition is ``liere.definition``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from liere import kernels as _kernels
+from liere.definition import (
+    block_generators,
+    expm_skew_reference,
+)
+
+from . import rays as _rays
+from .extrapolation import (
+    REORTHOGONALIZE_ABOVE,
+    _warn_if_inaccurate,
+    expm_skew,
+    reorthogonalize,
+    squarings_for,
+)
+from .polynomial import _POLY, _poly_coefficients, _poly_weights, _SeriesProduct, _uses_polynomial
+from .rays import _KernelRotations, _RayPlan, _RayProducts
+from .taylor import (
+    _ENTRY_MAJOR_MAX_BLOCK,
+    _TAYLOR,
+    _exp_by_squaring,
+    _Squarings,
+    _taylor_autograd,
+    _TaylorSeries,
+)
+from .token_squarings import (
+    _KernelSquarings,
+    _spectral_norms,
+    _squaring_levels,
+    _TakeTokens,
+    _token_squarings,
+)
+from .tracing import is_tracing
+
+# Note [few tokens]
+# ~~~~~~~~~~~~~~~~
+# Decoding rotates one token (or a handful) per step. There the fast path's fixed costs (exact
+# spectral norms of every basis block, the position-polynomial coefficients, kernel set-up)
+# dwarf the exponential itself, so up to FEW_TOKENS token rows (tokens times samples) the
+# generators are built directly, bounded by their own norms (cheap for this few) and
+# exponentiated by the same scaling-and-squaring Taylor series in a handful of plain
+# autograd ops (``_taylor_autograd``). Measured with benchmarks/bench_decode.py (docs/decoding.md).
+FEW_TOKENS = 8
+
+
+def lie_rotations(
+    positions: Tensor,
+    bases: Tensor,
+    *,
+    method: str = "auto",
+    reorthogonalize_above: Optional[float] = REORTHOGONALIZE_ABOVE,
+) -> Tensor:
+    """``R[.., h, n, m] = exp(sum_a p[.., n, a] B[h, a, m])`` for every token and block.
+
+    The fast path never materialises an unscaled generator: the number of squarings comes
+    from the bound ``||sum_a p_a B_a||_2 <= sum_a |p_a| ||B_a||_2`` (exact spectral norms of the
+    few basis blocks; tight for skew-symmetric, hence normal, matrices) and ``2^-j`` is folded
+    into the positions (or bases). With one or two axes each token gets its own ``j`` (Note
+    [per-token squarings]) and the Taylor series of every token comes from one GEMM (Note
+    [series as a polynomial in the positions]); with three, one ``j`` for all and
+    Paterson-Stockmeyer per token (Note [Taylor scaling and squaring]). Tokens on a lattice
+    that are integer multiples of other tokens (most grids) are products of two rotations
+    along their ray instead (Note [products along rays]). The squarings and products run in
+    the compiled kernels when they are built (Note [compiled kernels] in ``liere.kernels``),
+    else in PyTorch ops. At most ``FEW_TOKENS`` token rows (decoding) take a lean direct path
+    (Note [few tokens]). Float32 blocks whose norm bound exceeds ``reorthogonalize_above`` get
+    one Newton-Schulz step (Note [re-orthogonalisation]; ``None`` turns it off). ``method`` as
+    in ``expm_skew``.
+
+    Shape:
+        positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)`` (skew-symmetric)
+        -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``
+    """
+    size = bases.shape[-1]
+    rows = math.prod(positions.shape[:-1])
+    if rows == 0:  # no tokens, or an empty batch: nothing to exponentiate
+        return expm_skew_reference(block_generators(positions, bases))
+    if method != "auto" or size <= 2 or is_tracing():
+        return expm_skew(block_generators(positions, bases), method=method)
+    if bases.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"lie_rotations computes in float32 or float64; got {bases.dtype}.")
+    if rows <= FEW_TOKENS:
+        rot, few_bound, norm = _few_token_rotations(positions, bases, reorthogonalize_above)
+        if few_bound is None:
+            return rot
+        return reorthogonalize(rot, few_bound, reorthogonalize_above, norm)
+    rot, bound, norm = _fast_rotations(positions, bases)
+    return reorthogonalize(rot, bound, reorthogonalize_above, norm)
+
+
+def _few_token_rotations(
+    positions: Tensor, bases: Tensor, threshold: Optional[float]
+) -> tuple[Tensor, Optional[Tensor], float]:
+    """Note [few tokens]: the rotations, the largest bound on a generator's 2-norm, and the
+    per-block bounds when that exceeds ``threshold`` (else None: nothing to re-orthogonalise).
+
+    Shape:
+        positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)``
+        -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``, and the bound without ``(s, s)``
+    """
+    gen = block_generators(positions, bases)
+    size = gen.shape[-1]
+    flat = gen.reshape(-1, size, size)
+    with torch.no_grad():
+        # ||G||_2 <= ||G||_F / sqrt(2) for skew-symmetric G: its eigenvalues come in pairs
+        # +-i w, so w_max^2 <= sum w^2 = ||G||_F^2 / 2 (exact for 2x2 blocks; tighter than the
+        # 1-norm at the paper's init: 22.6 against 34.8 for 8x8 blocks whose 2-norm is 21.0)
+        per_block = torch.linalg.vector_norm(flat, dim=(-2, -1)).mul_(0.5**0.5)
+        norm = float(per_block.max())
+        over = threshold is not None and norm > threshold
+        bound = per_block.view(gen.shape[:-2]) if over else None
+    squarings = squarings_for(norm, flat.dtype)  # raises on NaN/Inf
+    _warn_if_inaccurate(norm, flat.dtype)
+    rot = _taylor_autograd(flat * 2.0**-squarings if squarings else flat, squarings)
+    return rot.view(gen.shape), bound, norm
+
+
+def _fast_rotations(positions: Tensor, bases: Tensor) -> tuple[Tensor, Tensor, float]:
+    """``lie_rotations``' fast path for many tokens, the per-block norm bound and its maximum.
+
+    Shape:
+        positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)``
+        -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``, and ``(.., h, n, m)``
+    """
+    with torch.no_grad():
+        if not bool(torch.isfinite(bases).all()):
+            squarings_for(math.nan)  # raises: NaN/Inf parameters
+        sigma = _spectral_norms(bases.detach())  # (h, a, m)
+        bound = torch.matmul(positions.detach().abs().unsqueeze(-3), sigma)  # (.., h, n, m)
+        norm = float(bound.amax()) if bound.numel() else 0.0
+    _warn_if_inaccurate(norm, bases.dtype)
+    if positions.dim() == 2 and positions.device.type == "cpu" and not positions.requires_grad:
+        # Note [products along rays]
+        if _uses_polynomial(bases.dtype, bases.shape[1]):
+            theta = _POLY[bases.dtype][1]
+        else:
+            theta = _TAYLOR[bases.dtype][2]
+        js = _token_squarings(bound.amax(dim=(-3, -1)), theta)
+        plan = _rays._ray_plan(positions, js)
+        if plan is not None:
+            base = plan.base
+            rotations, done = _direct_rotations(positions[base], bases, sigma, bound[:, base], plan)
+            if done:
+                return rotations, bound, norm
+            split: Tensor = _RayProducts.apply(rotations, plan)
+            return split, bound, norm
+    return _direct_rotations(positions, bases, sigma, bound)[0], bound, norm
+
+
+def _direct_rotations(
+    positions: Tensor,
+    bases: Tensor,
+    sigma: Tensor,
+    bound: Tensor,
+    plan: Optional[_RayPlan] = None,
+) -> tuple[Tensor, bool]:
+    """``lie_rotations``' fast path for every token; ``sigma``: the spectral norms of the
+    bases, ``bound``: the per-token, per-block norm bound (both without gradient). With
+    ``plan`` (``positions`` are then its directly computed tokens) the compiled kernels may do
+    the products along rays too: the flag says whether they did (the result then covers all
+    ``plan.n`` tokens).
+
+    Shape:
+        positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)``; sigma ``(h, a, m)``;
+        bound ``(.., h, n, m)`` -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``
+    """
+    size = bases.shape[-1]
+    h, a, m = bases.shape[:3]
+    norm = float(bound.amax()) if bound.numel() else 0.0
+    entry_major = size <= _ENTRY_MAJOR_MAX_BLOCK
+    batch = positions.shape[:-1]  # (n,) or (b, n)
+    if _uses_polynomial(bases.dtype, a):
+        squarings_for(norm, bases.dtype)  # raises on NaN/Inf
+        flat_pos = positions.reshape(-1, a)
+        count = flat_pos.shape[0]
+        token_bound = bound.amax(dim=(-3, -1)).reshape(-1)
+        # the same degree and squaring counts with or without the compiled kernels (Note
+        # [series as a polynomial in the positions]): degree 8 with more squarings was a little
+        # faster there but lost accuracy (each squaring doubles the rounding error: 1.8e-5
+        # instead of 7.5e-6 off orthogonal on the paper's 14x14 grid)
+        degree, theta = _POLY[bases.dtype]
+        js = _token_squarings(token_bound, theta)
+        kernel = (
+            _kernels.usable(bases, positions, size=size)
+            and (int(js.max()) if js.numel() else 0) <= _kernels.MAX_SQUARINGS
+        )
+        counts, order = ((), None) if kernel else _squaring_levels(js)
+        if order is not None:
+            flat_pos, js = flat_pos[order], js[order]
+        # Note [coefficient range]: bases scaled by 2^-e to norm < 1, positions by 2^e (exact)
+        e = math.frexp(float(sigma.amax()))[1] if sigma.numel() else 0
+        scale = torch.exp2(e - js.to(flat_pos.dtype)).unsqueeze(-1)
+        weights = _poly_weights(flat_pos * scale, degree)  # (N, T)
+        coefficients = _poly_coefficients(bases * 2.0**-e if e else bases, degree)  # (hm, s, T*s)
+        series: Tensor = _SeriesProduct.apply(coefficients, weights, entry_major)
+        if kernel:
+            layout = "entry" if entry_major else "batch"
+            if plan is not None and _kernels.usable(bases, size=size, sizes=_kernels.RAY_SIZES):
+                full: Tensor = _KernelRotations.apply(
+                    series, js.to(torch.int32), h, m, layout, plan
+                )  # (h, plan.n, m, s, s)
+                return full, True
+            rot: Tensor = _KernelSquarings.apply(
+                series, js.to(torch.int32), h, m, layout
+            )  # (h, N, m, s, s)
+        else:
+            out: Tensor = _Squarings.apply(series, counts, entry_major) if counts else series
+            if entry_major:  # -> (h, N, m, s, s)
+                rot = out.view(size, size, h, m, count).permute(2, 4, 3, 0, 1)
+            else:
+                rot = out.view(count, h, m, size, size).transpose(0, 1)
+            rot = rot.contiguous()
+            if order is not None:  # back to the callers' token order (contiguous rows: cheap)
+                rot = _TakeTokens.apply(rot, torch.argsort(order), order)
+        if len(batch) == 1:
+            return rot, False
+        return rot.view(h, *batch, m, size, size).transpose(0, 1).contiguous(), False
+    squarings = squarings_for(norm, bases.dtype)
+    scaled = bases * (2.0**-squarings) if squarings else bases
+    if not entry_major:
+        gen = block_generators(positions, scaled)
+        out = _exp_by_squaring(gen.reshape(-1, size, size), squarings, False)
+        return out.view(gen.shape), False
+    # Note [small-block layout]: generators built entry-major directly (transposing a batch of
+    # this size in and out costs more than the series on the 3-axis grids this path serves),
+    # gen[i, j, .., h, n, m] = sum_a p[.., n, a] B[h, a, m, i, j]
+    entries = scaled.permute(3, 4, 0, 1, 2)  # (s, s, h, a, m)
+    if positions.dim() == 3:
+        gen = torch.matmul(positions.unsqueeze(-3), entries.unsqueeze(2))  # (s, s, b, h, n, m)
+    else:
+        gen = torch.matmul(positions, entries)  # (s, s, h, n, m)
+        if _kernels.usable(bases, positions, size=size) and squarings <= _kernels.MAX_SQUARINGS:
+            taylor: Tensor = _TaylorSeries.apply(gen.reshape(size, size, -1), True)
+            js = torch.full((positions.shape[0],), squarings, dtype=torch.int32)
+            kernel_rot: Tensor = _KernelSquarings.apply(taylor, js, h, m, "entry-hnm")
+            return kernel_rot, False
+    out = _exp_by_squaring(gen.reshape(size, size, -1), squarings, True)
+    shape = gen.shape[2:]
+    out = out.view(size, size, *shape).permute(*range(2, 2 + len(shape)), 0, 1)
+    return out.contiguous(), False
