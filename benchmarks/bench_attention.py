@@ -230,6 +230,7 @@ def main() -> None:
             x = torch.randn(batch, n, args.dim, device=device)
             runs: dict[str, Callable[[], object]] = {}
             if mode == "compiled":
+                torch.compiler.reset()  # one compile per case and batch; no recompile limit
                 for case in cases:
                     layer = layers[case].train()
                     compiled = torch.compile(layer, fullgraph=True)

@@ -353,6 +353,9 @@ def write_report(results: list[dict[str, Any]], out: Path, header: str) -> str:
     lines.append(f"Training time of these runs: {seconds / 60:.1f} min.")
     text = "\n".join(lines) + "\n"
     (out / "study.md").write_text(text)
+    stale = out / "resolution.png"  # one figure per task now
+    if stale.exists():
+        stale.unlink()
     (out / "study.json").write_text(json.dumps({"header": header, "results": results}, indent=1))
     try:
         plot(results, out)
@@ -369,44 +372,65 @@ def plot(results: list[dict[str, Any]], out: Path) -> None:
 
     colours = dict(zip(ENCODINGS, plt.get_cmap("tab10").colors))
     tasks = list(dict.fromkeys(r["task"] for r in results))
-    # accuracy vs grid size: one row per task, extended | rescaled
-    fig, axes = plt.subplots(
-        len(tasks), 2, figsize=(10, 3.3 * len(tasks)), squeeze=False, sharey="row"
-    )
+    # accuracy vs grid size, one figure per task, one panel per encoding: colour = the
+    # coordinate convention, line style = plain / coordinate augmentation / mean pooling
     xs = [1.0, 1.5, 2.0]
-    for row, task in zip(axes, tasks):
-        for ax, scaling in zip(row, ("extend", "rescale")):
-            for enc in ENCODINGS:
-                for augment, pool in ((False, "cls"), (True, "cls"), (False, "mean")):
-                    match = dict(task=task, encoding=enc, augment=augment, fraction=1.0, pool=pool)
+    styles = {
+        (False, "cls"): ("-", "o", "plain"),
+        (True, "cls"): ("--", "s", "+aug"),
+        (False, "mean"): (":", "^", "mean-pool"),
+    }
+    for task in tasks:
+        encs = [
+            e
+            for e in ENCODINGS
+            if values(results, "acc", task=task, encoding=e, fraction=1.0, augment=False)
+        ]
+        if not encs:
+            continue
+        cols = 3
+        rows = math.ceil(len(encs) / cols)
+        fig, axes = plt.subplots(
+            rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False, sharex=True, sharey=True
+        )
+        for ax, enc in zip(axes.flat, encs):
+            for (augment, pool), (style, marker, name) in styles.items():
+                match = dict(task=task, encoding=enc, augment=augment, fraction=1.0, pool=pool)
+                if not values(results, "acc", **match):
+                    continue
+                for scaling, colour in (("extend", "tab:blue"), ("rescale", "tab:orange")):
                     series = [values(results, "acc", **match)] + [
                         values(results, f"acc@{s}/{scaling}", **match) for s in SCALES[1:]
                     ]
-                    if not series[0]:
-                        continue
                     means = [100 * statistics.fmean(v) for v in series]
                     errs = [100 * statistics.stdev(v) if len(v) > 1 else 0.0 for v in series]
                     ax.errorbar(
                         xs,
                         means,
                         yerr=errs,
-                        color=colours[enc],
-                        linestyle="--" if augment else (":" if pool == "mean" else "-"),
-                        marker="s" if augment else ("^" if pool == "mean" else "o"),
+                        color=colour,
+                        linestyle=style,
+                        marker=marker,
                         markersize=3,
                         capsize=2,
-                        label=label(enc, augment, pool),
+                        label=f"{scaling}ed, {name}".replace("rescaleed", "rescaled"),
                     )
-            ax.set_title(f"{task}: coordinates {'extended' if scaling == 'extend' else 'rescaled'}")
-            ax.set_xticks(xs, ["train grid", "1.5x", "2x"])
+            ax.set_title(enc)
+            ax.set_xticks(xs, ["train", "1.5x", "2x"])
             ax.set_ylim(0, 100)
-            ax.set_ylabel("test accuracy (%)")
             ax.grid(alpha=0.3)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="center right", fontsize=7)
-    fig.tight_layout(rect=(0, 0, 0.83, 1))
-    fig.savefig(out / "resolution.png", dpi=110)
-    plt.close(fig)
+        for ax in axes.flat[len(encs) :]:
+            ax.axis("off")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("test accuracy (%)")
+        handles, names = max(
+            (a.get_legend_handles_labels() for a in axes.flat), key=lambda hn: len(hn[0])
+        )
+        fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8)
+        fig.suptitle(f"{task}: accuracy on larger grids (mean ± std over seeds)")
+        fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+        fig.savefig(out / f"resolution_{task}.png", dpi=100)
+        plt.close(fig)
 
     data_tasks = [t for t in ("mnist", "spatial") if t in tasks]
     if not data_tasks:
@@ -538,6 +562,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         )
     commits = sorted({r["commit"] for r in results})
     header += f" Runs from commit(s) {', '.join(commits)}."
+    if args.report_only:
+        header += (
+            " This report trained nothing: it reads the cached runs, trained by the same "
+            "command without --report-only."
+        )
     print(write_report(results, out, header))
 
 

@@ -339,3 +339,27 @@ def test_backward_op_works_from_inside_a_recompute_and_reraises_errors():
         torch.testing.assert_close(a, b)
     with pytest.raises(ZeroDivisionError):
         ops._with_autograd(lambda: 1 / 0)
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 3])
+def test_complex_rope_pair_matches_the_definition_with_prefix_tokens(prefix):
+    from liere import functional as F
+    from liere import ops
+
+    qkv = randn(2, prefix + 9, 3, 4, 16, seed=7).permute(2, 0, 3, 1, 4)
+    q, k = qkv[0].clone().requires_grad_(), qkv[1].clone().requires_grad_()
+    angles = randn(4, 9, 8, seed=8)
+    cos, sin = angles.cos(), angles.sin()
+    fast = ops.rope_pair(q, k, cos, sin, prefix)
+    ref = [
+        torch.cat((t[:, :, :prefix], F.apply_rope(t[:, :, prefix:], cos, sin)), dim=2)
+        for t in (q, k)
+    ]
+    for a, b in zip(fast, ref):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert torch.equal(fast[0][:, :, :prefix], q[:, :, :prefix])
+    g = [randn(*q.shape, seed=10), randn(*q.shape, seed=11)]
+    grads_fast = torch.autograd.grad(fast, (q, k), g)
+    grads_ref = torch.autograd.grad(ref, (q, k), g)
+    for a, b in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(a, b)

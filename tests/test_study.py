@@ -77,7 +77,8 @@ def test_report_tables_and_steps_to_the_absolute_baseline(study, tmp_path):
     )
     saved = json.loads((tmp_path / "study.json").read_text())
     assert saved["header"] == "header" and len(saved["results"]) == len(results)
-    assert (tmp_path / "resolution.png").exists() and (tmp_path / "data_efficiency.png").exists()
+    assert (tmp_path / "resolution_spatial.png").exists()
+    assert (tmp_path / "data_efficiency.png").exists()
 
 
 def test_steps_to_reach(study):

@@ -515,6 +515,12 @@ class _PairwiseRoPE(RotaryEncoding):
         cos, sin = rotation
         return ops.rope(x, cos, sin)
 
+    def _rotate_pair(
+        self, q: Tensor, k: Tensor, rotation: Rotation, num_prefix_tokens: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        cos, sin = rotation
+        return ops.rope_pair(q, k, cos, sin, num_prefix_tokens)
+
 
 class AxialRoPE(_PairwiseRoPE):
     """Fixed axial RoPE: pair ``k`` of axis ``a`` turns by ``p_a * f_k``.

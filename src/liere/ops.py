@@ -47,7 +47,7 @@ from torch import Tensor
 from . import functional as F
 from .precision import exact_dtype
 
-__all__ = ["block_rotations", "blockwise", "blockwise_pair", "rope"]
+__all__ = ["block_rotations", "blockwise", "blockwise_pair", "rope", "rope_pair"]
 
 
 def _rotation_shape(positions: Tensor, bases: Tensor) -> tuple[int, ...]:
@@ -436,3 +436,33 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     turn = torch.complex(cos, sin)
     out = torch.view_as_complex(x.unflatten(-1, (-1, 2))) * turn
     return torch.view_as_real(out).flatten(-2)
+
+
+def rope_pair(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, num_prefix_tokens: int = 0
+) -> tuple[Tensor, Tensor]:
+    """``F.apply_rope`` on q and k, the first ``num_prefix_tokens`` tokens unrotated: in eager
+    mode one complex multiplication each over the whole of q and k, the prefix tokens turned
+    by angle 0 (exactly 1 + 0i), so no slicing and concatenating (Note [complex RoPE]).
+
+    Shape:
+        q, k ``(b, h, p + n, 2k)``; cos, sin broadcastable to ``(b, h, n, k)``
+        -> ``(b, h, p + n, 2k)`` each
+    """
+    p = num_prefix_tokens
+    fast = not F.is_tracing() and all(
+        _complex_view_ok(t) and t.numel() > 0 and cos.dtype == t.dtype for t in (q, k)
+    )
+    if not fast:
+        q_rot, k_rot = F.apply_rope(q[:, :, p:], cos, sin), F.apply_rope(k[:, :, p:], cos, sin)
+        if p == 0:
+            return q_rot, k_rot
+        return torch.cat((q[:, :, :p], q_rot), dim=2), torch.cat((k[:, :, :p], k_rot), dim=2)
+    turn = torch.complex(cos, sin)
+    if p:
+        ones = turn.new_ones((*turn.shape[:-2], p, turn.shape[-1]))
+        turn = torch.cat((ones, turn), dim=-2)
+    out = []
+    for t in (q, k):
+        out.append(torch.view_as_real(torch.view_as_complex(t.unflatten(-1, (-1, 2))) * turn))
+    return out[0].flatten(-2), out[1].flatten(-2)
