@@ -29,6 +29,7 @@ from . import ops
 from .encodings import (
     BlockRotaryEncoding,
     MixedRoPE,
+    RotaryEncoding,
     Rotation,
     _as_dtype,
     _check_positive_int,
@@ -299,6 +300,13 @@ class CayleySTRING(MixedRoPE):
         # x' = P^T RoPE(p) P x, row vectors: ((x P^T) turned) P
         turned = ops.rope(torch.matmul(xw, pw.mT), cos.to(work), sin.to(work))
         return torch.matmul(turned, pw).to(x.dtype)
+
+    def _rotate_pair(
+        self, q: Tensor, k: Tensor, rotation: Rotation, num_prefix_tokens: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        # the basis change comes first: rotate q and k one by one (RotaryEncoding's way), not
+        # RoPE's fused pair
+        return RotaryEncoding._rotate_pair(self, q, k, rotation, num_prefix_tokens)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         nn.Module._load_from_state_dict(self, state_dict, prefix, *args)
