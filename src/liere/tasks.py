@@ -185,6 +185,35 @@ def _direction_towards(arrow: tuple[int, int], target: tuple[int, int]) -> int:
     return 3 if rr > 0 else 1
 
 
+def _add_letters(
+    board: dict[tuple[int, int], np.ndarray], count: int, grid: int, rng: np.random.Generator
+) -> None:
+    """Put ``count`` distractor letters (X, Y, O) on free cells of ``board``."""
+    placed = 0
+    while placed < count:
+        cell = (int(rng.integers(grid)), int(rng.integers(grid)))
+        if cell in board:
+            continue
+        board[cell] = _LETTERS[int(rng.integers(len(_LETTERS)))]
+        placed += 1
+
+
+def _draw(image: np.ndarray, board: dict[tuple[int, int], np.ndarray]) -> None:
+    """Paint every glyph of ``board`` into its 5x5 cell of ``image``."""
+    for (r, c), glyph in board.items():
+        image[r * GLYPH : (r + 1) * GLYPH, c * GLYPH : (c + 1) * GLYPH] = glyph
+
+
+def _noisy_boards(
+    images: np.ndarray, labels: np.ndarray, noise: float, rng: np.random.Generator
+) -> TaskData:
+    """Boards with Gaussian pixel noise, clipped to [0, 1], as a 4-class ``TaskData``."""
+    if noise > 0:
+        images += noise * rng.standard_normal(images.shape).astype(np.float32)
+    x = torch.from_numpy(np.clip(images, 0.0, 1.0)).unsqueeze(1)
+    return TaskData(x, torch.from_numpy(labels.astype(np.int64)), 4)
+
+
 def arrow_spatial(
     count: int,
     *,
@@ -236,19 +265,9 @@ def arrow_spatial(
                 continue
             board[cell] = _ARROWS[direction]
             placed += 1
-        placed = 0
-        while placed < letters:
-            cell = (int(rng.integers(grid)), int(rng.integers(grid)))
-            if cell in board:
-                continue
-            board[cell] = _LETTERS[int(rng.integers(len(_LETTERS)))]
-            placed += 1
-        for (r, c), glyph in board.items():
-            images[i, r * GLYPH : (r + 1) * GLYPH, c * GLYPH : (c + 1) * GLYPH] = glyph
-    if noise > 0:
-        images += noise * rng.standard_normal(images.shape).astype(np.float32)
-    x = torch.from_numpy(np.clip(images, 0.0, 1.0)).unsqueeze(1)
-    return TaskData(x, torch.from_numpy(labels.astype(np.int64)), 4)
+        _add_letters(board, letters, grid, rng)
+        _draw(images[i], board)
+    return _noisy_boards(images, labels, noise, rng)
 
 
 _PROBE = np.array(
@@ -311,19 +330,9 @@ def relative_direction(
         anchor = (int(rng.choice(rows)), int(rng.choice(cols)))
         probe = (anchor[0] + offset[0], anchor[1] + offset[1])
         board = {anchor: _TARGET, probe: _PROBE}
-        placed = 0
-        while placed < letters:
-            cell = (int(rng.integers(grid)), int(rng.integers(grid)))
-            if cell in board:
-                continue
-            board[cell] = _LETTERS[int(rng.integers(len(_LETTERS)))]
-            placed += 1
-        for (r, c), glyph in board.items():
-            images[i, r * GLYPH : (r + 1) * GLYPH, c * GLYPH : (c + 1) * GLYPH] = glyph
-    if noise > 0:
-        images += noise * rng.standard_normal(images.shape).astype(np.float32)
-    x = torch.from_numpy(np.clip(images, 0.0, 1.0)).unsqueeze(1)
-    return TaskData(x, torch.from_numpy(labels.astype(np.int64)), 4)
+        _add_letters(board, letters, grid, rng)
+        _draw(images[i], board)
+    return _noisy_boards(images, labels, noise, rng)
 
 
 # -- 3D: moving digits -----------------------------------------------------------------------
