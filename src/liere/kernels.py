@@ -465,19 +465,34 @@ def squarings_forward(
             _fail("rows needs out (the tensor whose rows it names).")
         out = _fresh(series, h, n, m, s, s)
     else:
-        if out.dim() != 5:
-            _fail(f"out must be (h, N', m, s, s); got {tuple(out.shape)}.")
-        _check_real("out", out, series.dtype, (h, out.shape[1], m, s, s))
-        if rows is None and out.shape[1] != n:
-            _fail(f"out must have {n} token rows without rows; got {out.shape[1]}.")
-    if rows is not None:
-        _check_index("rows", rows, torch.int64, n, 0, out.shape[1] - 1)
+        _check_token_rows("out", out, series.dtype, (h, m, s), n, rows)
     strides = (ctypes.c_int64 * 4)(*_series_strides(layout, s, h, m, n))
     _run(
         "squarings", series.dtype, s, _ptr(series), strides, _ptr(squarings), None, _ptr(out),
         _ptr(rows), h, m, n, out.shape[1], 0, _threads(),
     )  # fmt: skip
     return out
+
+
+def _check_token_rows(
+    name: str,
+    t: Tensor,
+    dtype: torch.dtype,
+    hms: tuple[int, int, int],
+    n: int,
+    rows: Optional[Tensor],
+) -> None:
+    """``t`` is a contiguous ``(h, N', m, s, s)`` tensor holding ``n`` tokens: in rows
+    ``rows[n]`` (each in ``[0, N')``) or, without ``rows``, ``N' == n``."""
+    h, m, s = hms
+    if t.dim() != 5:
+        _fail(f"{name} must be (h, N', m, s, s); got {tuple(t.shape)}.")
+    _check_real(name, t, dtype, (h, t.shape[1], m, s, s))
+    if rows is None:
+        if t.shape[1] != n:
+            _fail(f"{name} must have {n} token rows without rows; got {t.shape[1]}.")
+    else:
+        _check_index("rows", rows, torch.int64, n, 0, t.shape[1] - 1)
 
 
 def _check_series(
@@ -516,13 +531,7 @@ def squarings_backward(
     """``dL/dT`` from ``dL/dR`` (``grad``, contiguous ``(h, N, m, s, s)``, or with ``rows``
     ``(h, N', m, s, s)`` with token ``n`` in row ``rows[n]``), laid out like ``series``."""
     s, n = _check_series(series, squarings, h, m, layout)
-    if grad.dim() != 5:
-        _fail(f"grad must be (h, N', m, s, s); got {tuple(grad.shape)}.")
-    _check_real("grad", grad, series.dtype, (h, grad.shape[1], m, s, s))
-    if rows is None and grad.shape[1] != n:
-        _fail(f"grad must have {n} token rows without rows; got {grad.shape[1]}.")
-    if rows is not None:
-        _check_index("rows", rows, torch.int64, n, 0, grad.shape[1] - 1)
+    _check_token_rows("grad", grad, series.dtype, (h, m, s), n, rows)
     out = _fresh(series)
     strides = (ctypes.c_int64 * 4)(*_series_strides(layout, s, h, m, n))
     _run(
