@@ -42,11 +42,11 @@ def test_opcheck_lie_rotations(block, per_sample):
     if per_sample:
         positions = torch.stack([positions, positions.flip(0) * 0.5])
     bases = _bases(block)
-    args = (positions.requires_grad_(), bases.clone().requires_grad_(), 1024.0)
+    args = (positions.requires_grad_(), bases.clone().requires_grad_(), 1024.0, True)
     opcheck(OPS.lie_rotations.default, args)
-    rot = OPS.lie_rotations(positions.detach(), bases, None)
+    rot = OPS.lie_rotations(positions.detach(), bases, None, True)
     grad = torch.randn_like(rot)
-    opcheck(OPS.lie_rotations_backward.default, (grad, positions.detach(), bases, None, True))
+    opcheck(OPS.lie_rotations_backward.default, (grad, positions.detach(), bases, None, True, True))
 
 
 @pytest.mark.parametrize("shared_heads", [False, True])
@@ -54,7 +54,7 @@ def test_opcheck_lie_rotations(block, per_sample):
 def test_opcheck_blockwise_application(shared_heads, prefix):
     positions = grid_positions(3, 3)
     bases = _bases(8, heads=1 if shared_heads else 2)
-    rot = OPS.lie_rotations(positions, bases, None)
+    rot = OPS.lie_rotations(positions, bases, None, True)
     q, k = randn(2, 2, prefix + 9, 16, seed=1), randn(2, 2, prefix + 9, 16, seed=2)
     args = (q.requires_grad_(), k.requires_grad_(), rot.clone().requires_grad_(), prefix)
     opcheck(OPS.apply_blockwise_pair.default, args)
@@ -76,7 +76,7 @@ def test_ops_match_the_functional_definition_values_and_grads():
     ref_rot = torch.linalg.matrix_exp(
         torch.einsum("na,hamij->hnmij", positions.double(), bases.double()).contiguous()
     )
-    rot = OPS.lie_rotations(positions, bases, None)
+    rot = OPS.lie_rotations(positions, bases, None, True)
     torch.testing.assert_close(rot.double(), ref_rot, atol=1e-5, rtol=0)
     q_out, k_out = OPS.apply_blockwise_pair(q, k, rot, 1)
     ref_q = torch.einsum("hnmij,bhnmj->bhnmi", ref_rot, q[:, :, 1:].double().unflatten(-1, (2, 8)))
@@ -99,9 +99,10 @@ def test_ops_match_the_functional_definition_values_and_grads():
 def test_op_inputs_are_checked_when_traced():
     positions = grid_positions(3, 3)
     with pytest.raises(RuntimeError, match="must match the bases. axes and dtype"):
-        torch.compile(lambda p, b: OPS.lie_rotations(p, b, None), backend="eager", fullgraph=True)(
-            positions, _bases(axes=3)
+        call = torch.compile(
+            lambda p, b: OPS.lie_rotations(p, b, None, True), backend="eager", fullgraph=True
         )
+        call(positions, _bases(axes=3))
 
 
 # -- compiled and exported graphs ----------------------------------------------------------
@@ -329,11 +330,11 @@ def test_backward_op_works_from_inside_a_recompute_and_reraises_errors():
     from liere import ops
 
     positions, bases = grid_positions(3, 3), _bases(8)
-    rot = OPS.lie_rotations(positions, bases, None)
+    rot = OPS.lie_rotations(positions, bases, None, True)
     grad = torch.randn_like(rot)
-    expected = OPS.lie_rotations_backward(grad, positions, bases, None, False)
+    expected = OPS.lie_rotations_backward(grad, positions, bases, None, True, False)
     nested = ops._with_autograd(
-        lambda: OPS.lie_rotations_backward(grad, positions, bases, None, False)
+        lambda: OPS.lie_rotations_backward(grad, positions, bases, None, True, False)
     )
     for a, b in zip(nested, expected):
         torch.testing.assert_close(a, b)

@@ -34,6 +34,7 @@ from .encodings import (
     _as_dtype,
     _check_positive_int,
     _device_of,
+    _generic_path_checks,
     _rope_generators,
 )
 from .precision import exact_dtype
@@ -156,8 +157,11 @@ class ComRoPE(BlockRotaryEncoding):
         h, m, s, _ = skews.shape
         if theta is not None:  # ld: B[h, a, j] = theta[a, j] S[h, j]
             return theta.view(1, self.num_axes, m, 1, 1) * skews.unsqueeze(1)
-        mask = torch.zeros(self.num_axes, m, dtype=skews.dtype, device=skews.device)
-        mask[self.axis_of_block(), torch.arange(m)] = 1.0
+        # built on the device from shapes alone (no list index: a host-to-device copy)
+        per_axis = self.num_blocks // self.num_axes
+        axes = torch.arange(self.num_axes, device=skews.device).unsqueeze(1)
+        blocks = torch.arange(m, device=skews.device).unsqueeze(0)
+        mask = (blocks // per_axis == axes).to(skews.dtype)  # (a, m): the axis of each block
         return mask.view(1, self.num_axes, m, 1, 1) * skews.unsqueeze(1)
 
     def _rotations(self, positions: Tensor) -> Rotation:
@@ -171,7 +175,11 @@ class ComRoPE(BlockRotaryEncoding):
             self._bases_from(skews, theta),
             method=self.exp_method,
             reorthogonalize_above=self.reorthogonalize_above,
+            check_finite=self.check_finite,
         )
+
+    def _rotations_check_finite(self, positions: Tensor) -> bool:
+        return _generic_path_checks(self, positions)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         saved = state_dict.get(prefix + "weight")

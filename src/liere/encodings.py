@@ -158,7 +158,12 @@ class RotaryEncoding(nn.Module):
         """Validate, build the rotations once, rotate q (and k unless None)."""
         p = num_prefix_tokens
         positions = self._check_inputs(q, q if k is None else k, positions, p)
-        if self.check_finite and not F.is_tracing() and not bool(torch.isfinite(positions).all()):
+        if (
+            self.check_finite
+            and not F.is_tracing()
+            and not self._rotations_check_finite(positions)
+            and not bool(torch.isfinite(positions).all())
+        ):
             raise ValueError(
                 f"{type(self).__name__}: positions contain NaN or Inf. Fix the data loader, or "
                 f"set encoding.check_finite = False to skip this check."
@@ -346,6 +351,12 @@ class RotaryEncoding(nn.Module):
         return float(self._generator_norms(positions.detach().double().abs()).max())
 
     # -- subclass hooks ---------------------------------------------------------------------
+    def _rotations_check_finite(self, positions: Tensor) -> bool:
+        """Whether this call's rotations raise on NaN/Inf positions themselves, in the one host
+        read they make anyway (Note [sync-free rotations]): ``_encode`` then skips its own
+        check, so a call with ``check_finite`` synchronises once."""
+        return False
+
     def _generator_norms(self, abs_positions: Tensor) -> Tensor:  # pragma: no cover
         raise NotImplementedError
 
@@ -463,6 +474,17 @@ class RotaryEncoding(nn.Module):
                 f"move them with positions.to(q.device)."
             )
         return positions
+
+
+def _generic_path_checks(encoding: Any, positions: Tensor) -> bool:
+    """True when ``encoding`` (LieRE or ComRoPE) takes the device-generic exponential, whose
+    one host read raises on NaN/Inf positions (Note [sync-free rotations])."""
+    return (
+        positions.device.type != "cpu"
+        and encoding.exp_method == "auto"
+        and encoding.block_size > 2
+        and encoding._frozen is None
+    )
 
 
 def _rope_generators(freqs: Tensor) -> Tensor:
@@ -834,7 +856,11 @@ class LieRE(BlockRotaryEncoding):
             bases,
             method=self.exp_method,
             reorthogonalize_above=self.reorthogonalize_above,
+            check_finite=self.check_finite,
         )
+
+    def _rotations_check_finite(self, positions: Tensor) -> bool:
+        return _generic_path_checks(self, positions)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> RotaryEncoding:
         out = super()._apply(fn, *args, **kwargs)

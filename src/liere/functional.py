@@ -27,6 +27,7 @@ __all__ = [
     "expm_skew",
     "expm_skew_reference",
     "lie_rotations",
+    "lie_rotations_generic",
     "squarings_for",
     "reorthogonalize",
     "rotation_error_bound",
@@ -48,6 +49,7 @@ from .speed.blockwise import (  # noqa: F401
     apply_blockwise,
     apply_blockwise_pair,
 )
+from .speed.device import lie_rotations_generic, max_levels  # noqa: F401
 from .speed.extrapolation import (  # noqa: F401
     _REORTHOGONALIZE_CHUNK,
     LARGE_NORM,

@@ -115,9 +115,10 @@ def _unwrap(outcome: tuple[bool, Any]) -> Any:
 
 @torch.library.custom_op("liere::lie_rotations", mutates_args=())
 def _lie_rotations(
-    positions: Tensor, bases: Tensor, reorthogonalize_above: Optional[float]
+    positions: Tensor, bases: Tensor, reorthogonalize_above: Optional[float], check_finite: bool
 ) -> Tensor:
-    """``R[.., h, n, m] = exp(sum_a p[.., n, a] B[h, a, m])``: ``F.lie_rotations``' fast path.
+    """``R[.., h, n, m] = exp(sum_a p[.., n, a] B[h, a, m])``: ``F.lie_rotations``' fast path
+    (off the CPU with ``check_finite=False``: no host read, Note [sync-free rotations]).
 
     Shape:
         positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)`` (same dtype)
@@ -125,12 +126,18 @@ def _lie_rotations(
     """
     with torch.no_grad():
         return _full_precision(
-            F.lie_rotations, positions, bases, reorthogonalize_above=reorthogonalize_above
+            F.lie_rotations,
+            positions,
+            bases,
+            reorthogonalize_above=reorthogonalize_above,
+            check_finite=check_finite,
         ).contiguous()
 
 
 @_lie_rotations.register_fake
-def _(positions: Tensor, bases: Tensor, reorthogonalize_above: Optional[float]) -> Tensor:
+def _(
+    positions: Tensor, bases: Tensor, reorthogonalize_above: Optional[float], check_finite: bool
+) -> Tensor:
     _check_rotation_inputs(positions, bases)
     return bases.new_empty(_rotation_shape(positions, bases))
 
@@ -154,6 +161,7 @@ def _lie_rotations_backward(
     positions: Tensor,
     bases: Tensor,
     reorthogonalize_above: Optional[float],
+    check_finite: bool,
     positions_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     """Gradients of ``liere::lie_rotations`` with respect to positions (zeros unless
@@ -162,7 +170,13 @@ def _lie_rotations_backward(
     def vjp() -> tuple[Optional[Tensor], ...]:
         p = positions.detach().requires_grad_(positions_grad)
         b = bases.detach().requires_grad_(True)
-        rot = _full_precision(F.lie_rotations, p, b, reorthogonalize_above=reorthogonalize_above)
+        rot = _full_precision(
+            F.lie_rotations,
+            p,
+            b,
+            reorthogonalize_above=reorthogonalize_above,
+            check_finite=check_finite,
+        )
         inputs = (p, b) if positions_grad else (b,)
         return torch.autograd.grad(rot, inputs, grad, allow_unused=True)
 
@@ -182,15 +196,17 @@ def _(
     positions: Tensor,
     bases: Tensor,
     reorthogonalize_above: Optional[float],
+    check_finite: bool,
     positions_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     return positions.new_empty(positions.shape), bases.new_empty(bases.shape)
 
 
 def _rotations_setup(ctx: Any, inputs: tuple[object, ...], output: Tensor) -> None:
-    positions, bases, reorthogonalize_above = inputs
+    positions, bases, reorthogonalize_above, check_finite = inputs
     ctx.save_for_backward(positions, bases)
     ctx.reorthogonalize_above = reorthogonalize_above
+    ctx.check_finite = check_finite
 
 
 def _rotations_backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
@@ -201,9 +217,10 @@ def _rotations_backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         positions,
         bases,
         ctx.reorthogonalize_above,
+        ctx.check_finite,
         bool(needs[0]),
     )
-    return (grad_p if needs[0] else None, grad_b if needs[1] else None, None)
+    return (grad_p if needs[0] else None, grad_b if needs[1] else None, None, None)
 
 
 _lie_rotations.register_autograd(_rotations_backward, setup_context=_rotations_setup)
@@ -360,6 +377,7 @@ def block_rotations(
     *,
     method: str = "auto",
     reorthogonalize_above: Optional[float] = F.REORTHOGONALIZE_ABOVE,
+    check_finite: bool = True,
 ) -> Tensor:
     """``F.lie_rotations`` at full precision: the registered op while tracing, the eager fast
     path otherwise (in float64 when float32 matmuls are reduced). ``method="matrix_exp"``
@@ -370,7 +388,9 @@ def block_rotations(
     """
     if F.is_tracing():
         if method == "auto":
-            return torch.ops.liere.lie_rotations(positions, bases, reorthogonalize_above)
+            return torch.ops.liere.lie_rotations(
+                positions, bases, reorthogonalize_above, check_finite
+            )
         work = exact_dtype(bases.dtype, bases.device, tracing=True)
         out = F.lie_rotations(positions.to(work), bases.to(work), method=method)
         return out.to(bases.dtype)
@@ -380,6 +400,7 @@ def block_rotations(
         bases,
         method=method,
         reorthogonalize_above=reorthogonalize_above,
+        check_finite=check_finite,
     )
 
 

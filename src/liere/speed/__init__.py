@@ -12,6 +12,7 @@ module              technique
 ``token_squarings`` per-token squaring counts from spectral norms
 ``rays``            products along rays on lattices, R(p + q) = R(p) R(q)
 ``rotations``       the dispatch: few tokens, fast path, ``lie_rotations``
+``device``          the device-generic path: no value read on the host (GPUs)
 ``blockwise``       applying the rotations to q and k
 ``tracing``         whether a tracer (compile, export, ONNX) is running
 ==================  ==========================================================================

@@ -18,6 +18,7 @@ from liere.definition import (
 )
 
 from . import rays as _rays
+from .device import lie_rotations_generic
 from .extrapolation import (
     REORTHOGONALIZE_ABOVE,
     _warn_if_inaccurate,
@@ -61,6 +62,7 @@ def lie_rotations(
     *,
     method: str = "auto",
     reorthogonalize_above: Optional[float] = REORTHOGONALIZE_ABOVE,
+    check_finite: bool = True,
 ) -> Tensor:
     """``R[.., h, n, m] = exp(sum_a p[.., n, a] B[h, a, m])`` for every token and block.
 
@@ -79,6 +81,11 @@ def lie_rotations(
     one Newton-Schulz step (Note [re-orthogonalisation]; ``None`` turns it off). ``method`` as
     in ``expm_skew``.
 
+    Off the CPU (GPUs, meta tensors) ``method="auto"`` runs ``lie_rotations_generic``, which
+    reads at most one value on the host, and none with ``check_finite=False`` (Note [sync-free
+    rotations]). On the CPU host reads cost nothing and ``check_finite`` is ignored: NaN/Inf
+    always raise.
+
     Shape:
         positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)`` (skew-symmetric)
         -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``
@@ -91,6 +98,13 @@ def lie_rotations(
         return expm_skew(block_generators(positions, bases), method=method)
     if bases.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"lie_rotations computes in float32 or float64; got {bases.dtype}.")
+    if positions.device.type != "cpu":  # Note [sync-free rotations]
+        return lie_rotations_generic(
+            positions,
+            bases,
+            reorthogonalize_above=reorthogonalize_above,
+            check_finite=check_finite,
+        )
     if rows <= FEW_TOKENS:
         rot, few_bound, norm = _few_token_rotations(positions, bases, reorthogonalize_above)
         if few_bound is None:
