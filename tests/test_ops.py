@@ -46,7 +46,9 @@ def test_opcheck_lie_rotations(block, per_sample):
     opcheck(OPS.lie_rotations.default, args)
     rot = OPS.lie_rotations(positions.detach(), bases, None, True)
     grad = torch.randn_like(rot)
-    opcheck(OPS.lie_rotations_backward.default, (grad, positions.detach(), bases, None, True, True))
+    args = (grad, positions.detach(), bases, rot, None, True)
+    opcheck(OPS.lie_rotations_backward.default, (*args, True))  # positions' gradient too
+    opcheck(OPS.lie_rotations_backward.default, (*args, False))  # bases only: direct
 
 
 @pytest.mark.parametrize("shared_heads", [False, True])
@@ -332,9 +334,9 @@ def test_backward_op_works_from_inside_a_recompute_and_reraises_errors():
     positions, bases = grid_positions(3, 3), _bases(8)
     rot = OPS.lie_rotations(positions, bases, None, True)
     grad = torch.randn_like(rot)
-    expected = OPS.lie_rotations_backward(grad, positions, bases, None, True, False)
+    expected = OPS.lie_rotations_backward(grad, positions, bases, rot, None, True, False)
     nested = ops._with_autograd(
-        lambda: OPS.lie_rotations_backward(grad, positions, bases, None, True, False)
+        lambda: OPS.lie_rotations_backward(grad, positions, bases, rot, None, True, False)
     )
     for a, b in zip(nested, expected):
         torch.testing.assert_close(a, b)
@@ -364,3 +366,89 @@ def test_complex_rope_pair_matches_the_definition_with_prefix_tokens(prefix):
     grads_ref = torch.autograd.grad(ref, (q, k), g)
     for a, b in zip(grads_fast, grads_ref):
         torch.testing.assert_close(a, b)
+
+
+# -- the backward operators' direct paths --------------------------------------------------
+
+_BACKWARD_CASES = {
+    # name: (block, axes, positions, dtype); the first four run the hand-written backwards
+    # directly (bases_vjp), the rest differentiate a recompute
+    "8x8 grid": (8, 2, lambda: grid_positions(14, 14), torch.float32),
+    "dense": (16, 2, lambda: grid_positions(9, 9) * 2, torch.float32),
+    "float64": (8, 2, lambda: grid_positions(9, 9).double() * 3, torch.float64),
+    "one axis": (4, 1, lambda: torch.arange(30.0).unsqueeze(-1) / 4, torch.float32),
+    "three axes": (8, 3, lambda: grid_positions(3, 4, 4), torch.float32),
+    "per sample": (8, 2, lambda: torch.stack([grid_positions(4, 4)] * 2) * 2, torch.float32),
+    "few tokens": (8, 2, lambda: grid_positions(2, 2), torch.float32),
+    "re-orthogonalised": (8, 2, lambda: grid_positions(6, 6) * 400, torch.float32),
+}
+
+
+@pytest.mark.parametrize("kernels_on", [True, False], ids=["kernels", "no-kernels"])
+@pytest.mark.parametrize("name", list(_BACKWARD_CASES))
+def test_rotations_backward_op_equals_autograd(name, kernels_on, monkeypatch):
+    import warnings
+
+    from conftest import kernels_unusable
+
+    from liere import functional as F
+    from liere import kernels
+    from liere.speed.rotations import bases_vjp
+
+    if not kernels_on:
+        monkeypatch.setattr(kernels, "usable", kernels_unusable)
+    block, axes, make, dtype = _BACKWARD_CASES[name]
+    positions = make()
+    bases = _bases(block, axes=axes).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the large-norm case warns
+        leaf = bases.clone().requires_grad_()
+        rot = F.lie_rotations(positions, leaf)
+        grad = randn(*rot.shape, seed=4, dtype=dtype)
+        (expected,) = torch.autograd.grad(rot, leaf, grad)
+        rot = rot.detach()
+        grad_p, grad_b = OPS.lie_rotations_backward(
+            grad, positions, bases, rot, 1024.0, True, False
+        )
+        direct = bases_vjp(grad, positions, bases, rot, 1024.0)
+    assert torch.equal(grad_p, torch.zeros_like(positions))
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(grad_b, expected, atol=tol * max(1.0, expected.abs().max()), rtol=0)
+    takes_direct = (
+        kernels_on
+        and kernels.available()
+        and name
+        in (
+            "8x8 grid",
+            "dense",
+            "float64",
+            "one axis",
+        )
+    )
+    assert (direct is not None) == takes_direct
+    if direct is not None:
+        torch.testing.assert_close(direct, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kernels_on", [True, False], ids=["kernels", "no-kernels"])
+@pytest.mark.parametrize("shared_heads", [False, True])
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_pair_backward_op_equals_autograd(prefix, shared_heads, kernels_on, monkeypatch):
+    from conftest import kernels_unusable
+
+    from liere import functional as F
+    from liere import kernels
+
+    if not kernels_on:
+        monkeypatch.setattr(kernels, "usable", kernels_unusable)
+    rot = OPS.lie_rotations(
+        grid_positions(4, 4), _bases(8, heads=1 if shared_heads else 2), None, True
+    )
+    q, k = randn(3, 2, prefix + 16, 16, seed=1), randn(3, 2, prefix + 16, 16, seed=2)
+    gq, gk = randn(*q.shape, seed=3), randn(*k.shape, seed=4)
+    leaves = [t.clone().requires_grad_() for t in (q, k, rot)]
+    outs = F.apply_blockwise_pair(*leaves, num_prefix_tokens=prefix)
+    expected = torch.autograd.grad(outs, leaves, (gq, gk))
+    got = OPS.apply_blockwise_pair_backward(gq, gk, q, k, rot, prefix)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -64,11 +64,23 @@ def apply_blockwise_pair(
         b = q.shape[0]
         both = apply_blockwise(torch.cat((q, k)), rotations)
         return both[:b], both[b:]
-    if fast and not is_tracing():
-        if q.shape[1] % rotations.shape[0] == 0 and q.shape[2] - p == rotations.shape[1]:
-            out: tuple[Tensor, Tensor] = _BlockwisePair.apply(q, k, rotations, p)
-            return out
+    if not is_tracing() and pair_function_serves(q, k, rotations, p):
+        out: tuple[Tensor, Tensor] = _BlockwisePair.apply(q, k, rotations, p)
+        return out
     return _blockwise_pair_plain(q, k, rotations, p)
+
+
+def pair_function_serves(q: Tensor, k: Tensor, rotations: Tensor, p: int) -> bool:
+    """Whether ``apply_blockwise_pair`` runs ``_BlockwisePair`` (Note [blockwise application])
+    for these inputs, so that ``blockwise_pair_backward`` is its gradient."""
+    return (
+        rotations.dim() == 5
+        and q.shape == k.shape
+        and q.dtype == k.dtype == rotations.dtype
+        and not (p == 0 and rotations.shape[1] <= FEW_TOKENS)
+        and q.shape[1] % rotations.shape[0] == 0
+        and q.shape[2] - p == rotations.shape[1]
+    )
 
 
 def _apply_few(x: Tensor, rotations: Tensor) -> Tensor:
@@ -164,25 +176,59 @@ class _BlockwisePair(torch.autograd.Function):
                 grads = iter(torch.autograd.grad(outs, inputs, (grad_q, grad_k), create_graph=True))
             d_q, d_k, d_r = (next(grads) if t.requires_grad else None for t in (q, k, rotations))
             return d_q, d_k, d_r, None
-        if ctx.kernel:
-            need_qk = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-            d_q, d_k, d_r = _kernels.apply_backward(
-                q, k, rotations, grad_q, grad_k, p, need_qk, ctx.needs_input_grad[2]
-            )
-            return d_q, d_k, d_r, None
-        hr, n, m, s, _ = rotations.shape
-        shape = torch.Size((hr, n, m, 2, grad_q.shape[0], grad_q.shape[1] // hr, s))
-        g = grad_q.new_empty(shape)
-        _gather_blocks(grad_q, g[:, :, :, 0], p)
-        _gather_blocks(grad_k, g[:, :, :, 1], p)
-        count = shape[0] * shape[1] * shape[2]
-        g_flat = g.view(count, -1, s)
-        d_rot = None
-        if x is not None:
-            d_rot = torch.bmm(x.view(count, -1, s).mT, g_flat).mT.reshape(shape[:3] + (s, s))
-        d_q = d_k = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            d_x = torch.bmm(g_flat, rotations.reshape(count, s, s).contiguous()).view(shape)
-            d_q = _scatter_blocks(d_x[:, :, :, 0], grad_q, p)
-            d_k = _scatter_blocks(d_x[:, :, :, 1], grad_k, p)
-        return d_q, d_k, d_rot, None
+        need_qk = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        d_q, d_k, d_r = blockwise_pair_backward(
+            grad_q, grad_k, q, k, rotations, p, need_qk, ctx.needs_input_grad[2], x, ctx.kernel
+        )
+        return d_q, d_k, d_r, None
+
+
+def blockwise_pair_backward(
+    grad_q: Tensor,
+    grad_k: Tensor,
+    q: Tensor,
+    k: Tensor,
+    rotations: Tensor,
+    p: int,
+    need_qk: bool = True,
+    need_rotations: bool = True,
+    gathered: Optional[Tensor] = None,
+    kernel: Optional[bool] = None,
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """``apply_blockwise_pair``'s vector-Jacobian product with rotations shared by the batch
+    (Note [blockwise application]), first order, no autograd: ``_BlockwisePair``'s backward,
+    and the registered backward operator's. ``gathered``: the forward's gathered q and k, if
+    kept (gathered again otherwise); ``kernel``: whether the compiled kernel serves (checked
+    when ``None``).
+
+    Shape:
+        grad_q, grad_k, q, k ``(b, h, p + n, d)``; rotations ``(h | 1, n, m, s, s)``
+        -> as q, k and rotations (``None`` where not needed)
+    """
+    hr, n, m, s, _ = rotations.shape
+    if kernel is None:
+        kernel = _kernels.usable(q, k, rotations, size=s, sizes=_kernels.APPLY_SIZES)
+    if kernel:
+        return _kernels.apply_backward(
+            q, k, rotations.contiguous(), grad_q, grad_k, p, need_qk, need_rotations
+        )
+    shape = torch.Size((hr, n, m, 2, grad_q.shape[0], grad_q.shape[1] // hr, s))
+    g = grad_q.new_empty(shape)
+    _gather_blocks(grad_q, g[:, :, :, 0], p)
+    _gather_blocks(grad_k, g[:, :, :, 1], p)
+    count = shape[0] * shape[1] * shape[2]
+    g_flat = g.view(count, -1, s)
+    d_rot = None
+    if need_rotations:
+        x = gathered
+        if x is None:
+            x = q.new_empty(shape)
+            _gather_blocks(q, x[:, :, :, 0], p)
+            _gather_blocks(k, x[:, :, :, 1], p)
+        d_rot = torch.bmm(x.view(count, -1, s).mT, g_flat).mT.reshape(shape[:3] + (s, s))
+    d_q = d_k = None
+    if need_qk:
+        d_x = torch.bmm(g_flat, rotations.reshape(count, s, s).contiguous()).view(shape)
+        d_q = _scatter_blocks(d_x[:, :, :, 0], grad_q, p)
+        d_k = _scatter_blocks(d_x[:, :, :, 1], grad_k, p)
+    return d_q, d_k, d_rot

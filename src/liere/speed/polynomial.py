@@ -137,25 +137,31 @@ class _PolyCoefficients(torch.autograd.Function):
                 ref = _poly_coefficients_plain(stacked, degree)
                 (d,) = torch.autograd.grad(ref, stacked, grad, create_graph=True)
             return d, None
-        hm, rows, s = stacked.shape
-        a = rows // s
-        offsets = _level_offsets(degree, a)
-        d_stacked = torch.zeros_like(stacked)
-        st = stacked.mT
-        carry: Optional[Tensor] = None  # gradient reaching degree k from degree k + 1
-        for k in range(degree, 0, -1):
-            g = grad[:, :, offsets[k] * s : offsets[k + 1] * s]
-            if carry is not None:
-                g = g + carry
-            prev = out[:, :, offsets[k - 1] * s : offsets[k] * s]
-            # one cat of the level's gradient, then one product each way: splitting it into
-            # two products per half writes into strided halves of dS, which ATen runs as a
-            # loop over matrices (3x slower for 8x8 blocks, measured)
-            g_prod = g if a == 1 else torch.cat((g[:, :, s:], g[:, :, : k * s]), dim=1)
-            d_stacked.baddbmm_(g_prod, prev.mT)
-            if k > 1:
-                carry = torch.bmm(st, g_prod)
-        return d_stacked, None
+        return _poly_coefficients_backward(grad, stacked, out, degree), None
+
+
+def _poly_coefficients_backward(grad: Tensor, stacked: Tensor, out: Tensor, degree: int) -> Tensor:
+    """``_PolyCoefficients``' vector-Jacobian product (first order, no autograd): the
+    gradient with respect to the stacked bases, from the coefficients ``out`` it produced."""
+    hm, rows, s = stacked.shape
+    a = rows // s
+    offsets = _level_offsets(degree, a)
+    d_stacked = torch.zeros_like(stacked)
+    st = stacked.mT
+    carry: Optional[Tensor] = None  # gradient reaching degree k from degree k + 1
+    for k in range(degree, 0, -1):
+        g = grad[:, :, offsets[k] * s : offsets[k + 1] * s]
+        if carry is not None:
+            g = g + carry
+        prev = out[:, :, offsets[k - 1] * s : offsets[k] * s]
+        # one cat of the level's gradient, then one product each way: splitting it into
+        # two products per half writes into strided halves of dS, which ATen runs as a
+        # loop over matrices (3x slower for 8x8 blocks, measured)
+        g_prod = g if a == 1 else torch.cat((g[:, :, s:], g[:, :, : k * s]), dim=1)
+        d_stacked.baddbmm_(g_prod, prev.mT)
+        if k > 1:
+            carry = torch.bmm(st, g_prod)
+    return d_stacked
 
 
 def _series_product_plain(coefficients: Tensor, weights: Tensor, entry_major: bool) -> Tensor:
@@ -222,23 +228,38 @@ class _SeriesProduct(torch.autograd.Function):
         g = grad.contiguous()
         d_coef = d_weights = None
         if need_coef:
-            fresh = _kernels._fresh
-            if entry_major:  # d_flat (s*s*hm, T) = g (s*s*hm, N) @ W (N, T)
-                d_flat = fresh(grad, s, s, hm, terms)
-                torch.mm(g.view(-1, count), weights, out=d_flat.view(-1, terms))
-                d_blocks = d_flat.permute(2, 0, 3, 1)  # (hm, s, T, s)
-            else:  # d_flat (T, hm*s*s) = W^T (T, N) @ g (N, hm*s*s)
-                d_flat = fresh(grad, terms, hm, s, s)
-                torch.mm(weights.mT, g.view(count, -1), out=d_flat.view(terms, -1))
-                d_blocks = d_flat.permute(1, 2, 0, 3)  # (hm, s, T, s)
-            d_coef = fresh(grad, hm, s, ts)
-            d_coef.view(hm, s, terms, s).copy_(d_blocks)
+            d_coef = _series_product_coefficients_grad(g, coefficients.shape, weights, entry_major)
         if need_weights:  # positions that need gradients
             if entry_major:  # d_W (N, T) = g^T (N, s*s*hm) @ flat (s*s*hm, T)
                 d_weights = g.view(-1, count).mT @ flat.view(-1, terms)
             else:  # d_W (N, T) = g (N, hm*s*s) @ flat^T (hm*s*s, T)
                 d_weights = g.view(count, -1) @ flat.view(terms, -1).mT
         return d_coef, d_weights, None
+
+
+def _series_product_coefficients_grad(
+    grad: Tensor, shape: torch.Size, weights: Tensor, entry_major: bool
+) -> Tensor:
+    """``_SeriesProduct``'s gradient with respect to the coefficients (of ``shape``), first
+    order, no autograd: one GEMM and one permuted copy.
+
+    Shape:
+        grad as the series (contiguous); weights ``(N, T)`` -> ``(hm, s, T*s)``
+    """
+    hm, s, ts = shape
+    terms, count = ts // s, weights.shape[0]
+    fresh = _kernels._fresh
+    if entry_major:  # d_flat (s*s*hm, T) = g (s*s*hm, N) @ W (N, T)
+        d_flat = fresh(grad, s, s, hm, terms)
+        torch.mm(grad.view(-1, count), weights, out=d_flat.view(-1, terms))
+        d_blocks = d_flat.permute(2, 0, 3, 1)  # (hm, s, T, s)
+    else:  # d_flat (T, hm*s*s) = W^T (T, N) @ g (N, hm*s*s)
+        d_flat = fresh(grad, terms, hm, s, s)
+        torch.mm(weights.mT, grad.view(count, -1), out=d_flat.view(terms, -1))
+        d_blocks = d_flat.permute(1, 2, 0, 3)  # (hm, s, T, s)
+    d_coef = fresh(grad, hm, s, ts)
+    d_coef.view(hm, s, terms, s).copy_(d_blocks)
+    return d_coef
 
 
 def _poly_weights(positions: Tensor, degree: int) -> Tensor:

@@ -26,7 +26,17 @@ from .extrapolation import (
     reorthogonalize,
     squarings_for,
 )
-from .polynomial import _POLY, _poly_coefficients, _poly_weights, _SeriesProduct, _uses_polynomial
+from .polynomial import (
+    _POLY,
+    _poly_coefficients,
+    _poly_coefficients_backward,
+    _poly_weights,
+    _PolyCoefficients,
+    _series_product_coefficients_grad,
+    _SeriesProduct,
+    _stack_axes,
+    _uses_polynomial,
+)
 from .rays import _KernelRotations, _RayPlan, _RayProducts
 from .taylor import (
     _ENTRY_MAJOR_MAX_BLOCK,
@@ -173,6 +183,92 @@ def _fast_rotations(positions: Tensor, bases: Tensor) -> tuple[Tensor, Tensor, f
     return _direct_rotations(positions, bases, sigma, bound)[0], bound, norm
 
 
+def _series_inputs(
+    positions: Tensor, js: Tensor, bases: Tensor, sigma: Tensor, degree: int
+) -> tuple[Tensor, Tensor, int]:
+    """The position monomials of every token scaled by ``2^-j`` (Note [per-token squarings])
+    and the bases scaled by ``2^-e`` to norm < 1, the positions by ``2^e`` (Note [coefficient
+    range]; powers of two: exact), and ``e``.
+
+    Shape:
+        positions ``(N, a)``; js ``(N,)``; bases ``(h, a, m, s, s)``; sigma ``(h, a, m)``
+        -> weights ``(N, T)``, scaled bases as ``bases``
+    """
+    e = math.frexp(float(sigma.amax()))[1] if sigma.numel() else 0
+    scale = torch.exp2(e - js.to(positions.dtype)).unsqueeze(-1)
+    weights = _poly_weights(positions * scale, degree)
+    return weights, (bases * 2.0**-e if e else bases), e
+
+
+def bases_vjp(
+    grad: Tensor,
+    positions: Tensor,
+    bases: Tensor,
+    rotations: Tensor,
+    reorthogonalize_above: Optional[float],
+) -> Optional[Tensor]:
+    """The gradient of ``rotations = lie_rotations(positions, bases)`` with respect to the
+    bases, computed without autograd from the forward's output, for the registered backward
+    operator (whose implementation cannot record an autograd graph: Note [registered
+    operators] in ``liere.ops``). It recomputes the series' inputs and the series (cheap:
+    one GEMM) and runs the hand-written backwards of ``_KernelRotations``, ``_SeriesProduct``
+    and ``_PolyCoefficients`` in turn, never the squarings or products forward.
+
+    Covers the fast path's common case: shared CPU positions with one or two axes, more than
+    ``FEW_TOKENS`` tokens, the compiled kernels with products along rays, nothing
+    re-orthogonalised. Anything else returns ``None`` (the caller differentiates a recompute).
+
+    Shape:
+        grad, rotations ``(h, n, m, s, s)``; positions ``(n, a)``; bases ``(h, a, m, s, s)``
+        -> ``(h, a, m, s, s)``
+    """
+    size = bases.shape[-1]
+    h, a, m = bases.shape[:3]
+    if (
+        positions.dim() != 2
+        or positions.shape[0] <= FEW_TOKENS
+        or size <= 2
+        or positions.dtype != bases.dtype
+        or rotations.dtype != bases.dtype
+        or not _uses_polynomial(bases.dtype, a)
+        or not _kernels.usable(bases, positions, rotations, size=size)
+        or not _kernels.usable(bases, size=size, sizes=_kernels.RAY_SIZES)
+    ):
+        return None
+    sigma = _spectral_norms(bases)
+    bound = torch.matmul(positions.abs().unsqueeze(-3), sigma)  # (h, n, m)
+    norm = float(bound.amax())
+    if not math.isfinite(norm):
+        return None
+    if bases.dtype == torch.float32 and reorthogonalize_above is not None:
+        if norm > reorthogonalize_above:
+            return None
+    degree, theta = _POLY[bases.dtype]
+    # the same plan and squaring counts as the forward (``_fast_rotations``)
+    plan = _rays._ray_plan(positions, _token_squarings(bound.amax(dim=(-3, -1)), theta))
+    if plan is None:
+        return None
+    js = _token_squarings(bound[:, plan.base].amax(dim=(-3, -1)), theta)
+    if int(js.max()) > _kernels.MAX_SQUARINGS:
+        return None
+    entry_major = size <= _ENTRY_MAJOR_MAX_BLOCK
+    layout = "entry" if entry_major else "batch"
+    weights, scaled, e = _series_inputs(positions[plan.base], js, bases, sigma, degree)
+    stacked = _stack_axes(scaled)
+    coefficients = _PolyCoefficients.apply(stacked, degree)
+    series = _SeriesProduct.apply(coefficients, weights, entry_major)
+    d_base = _kernels.ray_products_backward(rotations, grad.contiguous(), plan.base, *plan.items)
+    d_series = _kernels.squarings_backward(series, js.to(torch.int32), d_base, h, m, layout)
+    d_coef = _series_product_coefficients_grad(
+        d_series.contiguous(), coefficients.shape, weights, entry_major
+    )
+    d_stacked = _poly_coefficients_backward(d_coef, stacked, coefficients, degree)
+    # undo _stack_axes: (h*m, a*s, s) -> (h, a, m, s, s)
+    d_scaled = d_stacked.view(h * m, a, size, size).transpose(0, 1).reshape(a, h, m, size, size)
+    d_scaled = d_scaled.transpose(0, 1)
+    return (d_scaled * 2.0**-e if e else d_scaled).contiguous()
+
+
 def _direct_rotations(
     positions: Tensor,
     bases: Tensor,
@@ -213,11 +309,8 @@ def _direct_rotations(
         counts, order = ((), None) if kernel else _squaring_levels(js)
         if order is not None:
             flat_pos, js = flat_pos[order], js[order]
-        # Note [coefficient range]: bases scaled by 2^-e to norm < 1, positions by 2^e (exact)
-        e = math.frexp(float(sigma.amax()))[1] if sigma.numel() else 0
-        scale = torch.exp2(e - js.to(flat_pos.dtype)).unsqueeze(-1)
-        weights = _poly_weights(flat_pos * scale, degree)  # (N, T)
-        coefficients = _poly_coefficients(bases * 2.0**-e if e else bases, degree)  # (hm, s, T*s)
+        weights, scaled, _ = _series_inputs(flat_pos, js, bases, sigma, degree)
+        coefficients = _poly_coefficients(scaled, degree)  # (hm, s, T*s)
         series: Tensor = _SeriesProduct.apply(coefficients, weights, entry_major)
         if kernel:
             layout = "entry" if entry_major else "batch"
