@@ -452,3 +452,33 @@ def test_pair_backward_op_equals_autograd(prefix, shared_heads, kernels_on, monk
     got = OPS.apply_blockwise_pair_backward(gq, gk, q, k, rot, prefix)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "layout", ["shared", "shared heads", "per sample", "per sample, shared heads", "few tokens"]
+)
+def test_application_backward_ops_equal_autograd_on_every_layout(layout):
+    from liere import functional as F
+
+    tokens = 4 if layout == "few tokens" else 12
+    positions = grid_positions(3, 4) if tokens == 12 else grid_positions(2, 2)
+    heads = 1 if "shared heads" in layout else 2
+    rot = OPS.lie_rotations(positions, _bases(8, heads=heads), None, True)
+    if layout.startswith("per sample"):
+        rot = torch.stack([rot, rot.flip(1)])  # (b, h', n, m, s, s)
+    x = randn(2, 2, tokens, 16, seed=1)
+    g = randn(2, 2, tokens, 16, seed=2)
+    leaves = [t.clone().requires_grad_() for t in (x, rot)]
+    expected = torch.autograd.grad(F.apply_blockwise(*leaves), leaves, g)
+    got = OPS.apply_blockwise_backward(g, x, rot)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    prefix = 0 if layout == "few tokens" else 1
+    q, k = (randn(2, 2, prefix + tokens, 16, seed=s) for s in (3, 4))
+    gq, gk = (randn(2, 2, prefix + tokens, 16, seed=s) for s in (5, 6))
+    leaves = [t.clone().requires_grad_() for t in (q, k, rot)]
+    outs = F.apply_blockwise_pair(*leaves, num_prefix_tokens=prefix)
+    expected = torch.autograd.grad(outs, leaves, (gq, gk))
+    got = OPS.apply_blockwise_pair_backward(gq, gk, q, k, rot, prefix)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -222,3 +222,24 @@ def test_unchecked_levels_cover_the_large_norm_threshold():
     unchecked = F.lie_rotations_generic(positions * scale, bases, check_finite=False)
     assert not torch.isnan(unchecked).any()
     torch.testing.assert_close(unchecked, checked, atol=0, rtol=0)
+
+
+def test_backward_operators_read_nothing_on_the_host_off_the_cpu():
+    # what a compiled graph runs in its backward on a GPU: torch.func on the caller's thread
+    ops = torch.ops.liere
+    bases = torch.empty(2, 2, 2, 8, 8, device="meta")
+    positions = torch.empty(196, 2, device="meta")
+    rot = torch.empty(2, 196, 2, 8, 8, device="meta")
+    q = torch.empty(3, 2, 197, 16, device="meta")
+    mode = _HostReads()
+    with mode:
+        for positions_grad in (False, True):
+            grad_p, grad_b = ops.lie_rotations_backward(
+                rot, positions, bases, rot, 1024.0, False, positions_grad
+            )
+            assert grad_p.shape == positions.shape and grad_b.shape == bases.shape
+        gq, gk, gr = ops.apply_blockwise_pair_backward(q, q, q, q, rot, 1)
+        assert gq.shape == q.shape and gr.shape == rot.shape
+        gx, gr = ops.apply_blockwise_backward(q[:, :, 1:], q[:, :, 1:], rot)
+        assert gx.shape == (3, 2, 196, 16) and gr.shape == rot.shape
+    assert mode.reads == 0

@@ -16,7 +16,6 @@ LieRE          ``exp(sum_a p_a A[h, a])``, A block-skew     heads x axes x (d/s)
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from typing import Any, Optional, Union
@@ -26,17 +25,11 @@ from torch import Tensor, nn
 
 from . import functional as F
 from . import ops
+from .precision import no_autocast
 
 __all__ = ["RotaryEncoding", "BlockRotaryEncoding", "LieRE", "AxialRoPE", "MixedRoPE"]
 
 Rotation = Union[Tensor, tuple[Tensor, ...]]
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
-
-
-def _no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
-    if device_type in _AUTOCAST_DEVICES:
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _check_positive_int(value: Any, name: str, minimum: int = 1) -> int:
@@ -175,7 +168,7 @@ class RotaryEncoding(nn.Module):
         if q.shape[0] == 0 or q.shape[2] == p:
             # nothing to rotate (empty batch, no tokens, or prefix tokens only)
             return q.clone(), None if k is None else k.clone()
-        with _no_autocast(q.device.type):
+        with no_autocast(q.device.type):
             if (
                 chunk is not None
                 and q.shape[2] - p > chunk

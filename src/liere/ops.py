@@ -21,22 +21,27 @@ op                                     computes
 ``liere::apply_blockwise_pair_backward`` its vector-Jacobian product
 =====================================  =============================================
 
-The backward ops compute their vector-Jacobian products without autograd where the fast
+The backward ops compute their vector-Jacobian products without a recompute where the fast
 path's hand-written backwards cover the case: ``liere::apply_blockwise_pair_backward`` runs
 ``blockwise_pair_backward`` (the compiled kernel or two batched products), and
 ``liere::lie_rotations_backward`` runs ``bases_vjp`` when only the bases need a gradient on
 the common CPU path (shared positions, one or two axes, the kernels): it takes the forward's
 output, recomputes the series' inputs and the series (one GEMM) and runs the kernels'
-backwards, never the squarings forward. Anything else (position gradients, three axes, few
-tokens, re-orthogonalised blocks, other devices) recomputes the forward under autograd and
-differentiates it. An op's implementation runs below the autograd dispatch key, where no
-autograd graph can be recorded, so that recompute runs on a worker thread (``_with_autograd``;
-one per process, started on first use; autocast and inference mode are thread-local and off
-there, as the ops want; the caller waits). Measured at ViT-S/16, batch 8: the rotations'
-backward operator went from 19 ms (always a recompute) to 7 ms (``docs/performance.md``). The
-backward ops have no autograd formula of their own: double backward runs in eager mode (the
-eager path is untouched and keeps it); ``torch.compile`` does not support double backward
-anyway.
+backwards, never the squarings forward. Measured at ViT-S/16, batch 8: the rotations'
+backward operator went from 19 ms (always a recompute) to 7 ms (``docs/performance.md``).
+
+Elsewhere they differentiate a recompute. An op's implementation runs below the autograd
+dispatch key, where ``torch.autograd`` records nothing. ``torch.func.vjp`` does its own
+bookkeeping and works there, on the caller's thread and stream, through plain ops: the
+blockwise applications and, off the CPU, the device-generic exponential (Note [sync-free
+rotations]). The CPU fast path's autograd Functions hand pointers to the kernels, which
+``torch.func``'s wrapped tensors do not have, so its remaining cases (position gradients,
+three axes, few tokens, per-sample positions, re-orthogonalised blocks) recompute under
+autograd on a worker thread (``_with_autograd``; one per process, started on first use;
+autocast and inference mode are thread-local and off there, as the ops want; the caller
+waits). The backward ops have no autograd formula of their own: double backward runs in
+eager mode (the eager path is untouched and keeps it); ``torch.compile`` does not support
+double backward anyway.
 
 The dispatch functions (``block_rotations``, ``blockwise``, ``blockwise_pair``) pick the op
 while tracing and the eager path otherwise, both at full precision.
@@ -53,8 +58,8 @@ import torch
 from torch import Tensor
 
 from . import functional as F
-from .precision import exact_dtype
-from .speed.blockwise import blockwise_pair_backward, pair_function_serves
+from .precision import exact_dtype, no_autocast
+from .speed.blockwise import apply_blockwise_vjp, blockwise_pair_backward, pair_function_serves
 from .speed.rotations import bases_vjp
 
 __all__ = ["block_rotations", "blockwise", "blockwise_pair", "rope", "rope_pair"]
@@ -118,6 +123,16 @@ def _unwrap(outcome: tuple[bool, Any]) -> Any:
     if not ok:
         raise value
     return value
+
+
+def _vjp(fn: Callable[..., Any], inputs: tuple[Tensor, ...], *grads: Tensor) -> tuple[Tensor, ...]:
+    """The vector-Jacobian product of ``fn`` at ``inputs`` by ``torch.func.vjp``, on the
+    caller's thread and stream, autocast off. ``torch.func`` records where ``torch.autograd``
+    cannot (an op's implementation), but only through plain ops: not through the fast
+    path's autograd Functions, whose kernels read pointers (see the module's Note)."""
+    with no_autocast(inputs[0].device.type):
+        pull = torch.func.vjp(fn, *(t.detach() for t in inputs))[1]
+        return tuple(pull(grads[0] if len(grads) == 1 else grads))
 
 
 # -- the exponential -----------------------------------------------------------------------
@@ -187,6 +202,23 @@ def _lie_rotations_backward(
         )  # fmt: skip
         if direct is not None:
             return positions.new_zeros(positions.shape), direct.to(bases.dtype)
+
+    def rotations_of(p: Tensor, b: Tensor) -> Tensor:
+        return _full_precision(
+            F.lie_rotations,
+            p,
+            b,
+            reorthogonalize_above=reorthogonalize_above,
+            check_finite=check_finite,
+        )
+
+    if positions.device.type != "cpu":  # the device-generic path: plain ops, torch.func
+        if positions_grad:
+            grad_p, grad_b = _vjp(rotations_of, (positions, bases), grad)
+        else:
+            (grad_b,) = _vjp(lambda b: rotations_of(positions, b), (bases,), grad)
+            grad_p = positions.new_zeros(positions.shape)
+        return grad_p.contiguous(), grad_b.contiguous()
 
     def vjp() -> tuple[Optional[Tensor], ...]:
         p = positions.detach().requires_grad_(positions_grad)
@@ -273,14 +305,9 @@ def _(x: Tensor, rotations: Tensor) -> Tensor:
 def _apply_blockwise_backward(grad: Tensor, x: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor]:
     """Gradients of ``liere::apply_blockwise`` with respect to x and the rotations."""
 
-    def vjp() -> tuple[Tensor, ...]:
-        xs = x.detach().requires_grad_(True)
-        rs = rotations.detach().requires_grad_(True)
-        out = _full_precision(F.apply_blockwise, xs, rs)
-        return torch.autograd.grad(out, (xs, rs), grad)
-
-    grad_x, grad_r = _with_autograd(vjp)
-    return grad_x.contiguous(), grad_r.contiguous()
+    work = exact_dtype(x.dtype, x.device)
+    grad_x, grad_r = apply_blockwise_vjp(grad.to(work), x.to(work), rotations.to(work))
+    return grad_x.to(x.dtype).contiguous(), grad_r.to(rotations.dtype).contiguous()
 
 
 @_apply_blockwise_backward.register_fake
@@ -357,14 +384,14 @@ def _apply_blockwise_pair_backward(
             gr.to(rotations.dtype).contiguous(),
         )
 
-    def vjp() -> tuple[Tensor, ...]:
-        qs = q.detach().to(work).requires_grad_(True)
-        ks = k.detach().to(work).requires_grad_(True)
-        rs = rotations.detach().to(work).requires_grad_(True)
-        outs = F.apply_blockwise_pair(qs, ks, rs, num_prefix_tokens=num_prefix_tokens)
-        return torch.autograd.grad(outs, (qs, ks, rs), (grad_q.to(work), grad_k.to(work)))
-
-    grads = _with_autograd(vjp)
+    p, rot = num_prefix_tokens, rotations.to(work)
+    grads = []
+    d_rots = []
+    for g, t in ((grad_q, q), (grad_k, k)):  # each rotated on its own (apply_blockwise)
+        d_t, d_r = apply_blockwise_vjp(g[:, :, p:].to(work), t[:, :, p:].to(work), rot)
+        grads.append(torch.cat((g[:, :, :p].to(work), d_t), dim=2) if p else d_t)
+        d_rots.append(d_r)
+    grads.append(d_rots[0] + d_rots[1])
     return (
         grads[0].to(q.dtype).contiguous(),
         grads[1].to(k.dtype).contiguous(),

@@ -23,9 +23,22 @@ liere never flips those process-global flags. Instead:
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import torch
 
-__all__ = ["float32_matmul_is_reduced", "exact_dtype"]
+__all__ = ["float32_matmul_is_reduced", "exact_dtype", "no_autocast"]
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def no_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast off for ``device_type`` (a no-op for devices autocast does not know, such as
+    meta): rotations are computed in their own dtype, whatever the caller's autocast."""
+    if device_type in _AUTOCAST_DEVICES:
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _backend_precision(device_type: str) -> str:

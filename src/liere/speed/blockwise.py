@@ -43,6 +43,27 @@ def apply_blockwise(x: Tensor, rotations: Tensor) -> Tensor:
     return out.flatten(-2)
 
 
+def apply_blockwise_vjp(grad: Tensor, x: Tensor, rotations: Tensor) -> tuple[Tensor, Tensor]:
+    """``apply_blockwise``'s vector-Jacobian product, first order, no autograd:
+    ``dx = R^T g`` per block and ``dR = g x^T`` summed over the batch (and over the heads
+    that share a rotation).
+
+    Shape:
+        grad, x ``(b, h, n, d)``; rotations ``(h', n, m, s, s)`` or ``(b, h', n, m, s, s)``
+        with ``h % h' == 0`` -> as x and rotations
+    """
+    m, s = rotations.shape[-3], rotations.shape[-1]
+    per_sample = rotations.dim() == 6
+    hr = rotations.shape[1] if per_sample else rotations.shape[0]
+    b, h, n = x.shape[:3]
+    xb = x.reshape(b, hr, h // hr, n, m, s)
+    gb = grad.reshape(b, hr, h // hr, n, m, s)
+    r = "zrnmij" if per_sample else "rnmij"
+    d_x = torch.einsum(f"{r},zrcnmi->zrcnmj", rotations, gb).reshape(x.shape)
+    d_rot = torch.einsum(f"zrcnmi,zrcnmj->{r}", gb, xb)
+    return d_x, d_rot
+
+
 def apply_blockwise_pair(
     q: Tensor, k: Tensor, rotations: Tensor, *, num_prefix_tokens: int = 0
 ) -> tuple[Tensor, Tensor]:
