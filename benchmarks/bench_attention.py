@@ -61,6 +61,8 @@ from liere import (
 )
 from liere import functional as F
 from liere import kernels as K
+from liere.speed import polynomial, rays, taylor
+from liere.speed import token_squarings as squaring
 
 
 def make_layer(name: str, dim: int, heads: int, axes: int) -> RotaryAttention:
@@ -124,7 +126,7 @@ def floor_ms(
         return None
     with torch.no_grad():
         bases = enc.bases().float()
-        sigma = F._spectral_norms(bases)  # the bound lie_rotations uses
+        sigma = squaring.spectral_norms(bases)  # the bound lie_rotations uses
         token_bound = torch.matmul(positions.abs().unsqueeze(-3), sigma).amax(dim=(-3, -1))
     s, n = enc.block_size, positions.shape[0]
     count = enc.num_heads * n * enc.num_blocks
@@ -133,9 +135,9 @@ def floor_ms(
     # one product of every matrix: the fastest of torch.bmm, the entry-major kernel (blocks
     # <= 8) and the compiled squaring kernel (one squaring, loads and stores included)
     t_product = median_ms(lambda: torch.bmm(a, a))
-    if s <= F._ENTRY_MAJOR_MAX_BLOCK:
+    if s <= taylor.ENTRY_MAJOR_MAX_BLOCK:
         e = a.permute(1, 2, 0).contiguous()
-        t_product = min(t_product, median_ms(lambda: F._entry_major_mm(e, e)))
+        t_product = min(t_product, median_ms(lambda: taylor.entry_major_mm(e, e)))
     if kernel:  # the marginal cost of one more squaring, loads and stores excluded
         series, hh, mm = a.view(n, -1, s, s), enc.num_heads, enc.num_blocks
         one, two = (torch.full((n,), j, dtype=torch.int32) for j in (1, 2))
@@ -143,22 +145,22 @@ def floor_ms(
         t_two = median_ms(lambda: K.squarings_forward(series, two, hh, mm, "batch"))
         t_product = min(t_product, max(t_two - t_one, 0.0))
     t_gemm = t_coef = 0.0  # per-block work outside the per-token products (timed, forward)
-    if F._uses_polynomial(torch.float32, enc.num_axes):
-        degree, theta = F._POLY[torch.float32]
-        js = F._token_squarings(token_bound, theta)
+    if polynomial.uses_polynomial(torch.float32, enc.num_axes):
+        degree, theta = polynomial.POLY[torch.float32]
+        js = squaring.token_squarings(token_bound, theta)
         # Note [products along rays]: split tokens cost one product, the others their
         # squarings; the series GEMM covers the directly computed tokens only
-        plan = F._ray_plan(positions, js) if positions.device.type == "cpu" else None
+        plan = rays.ray_plan(positions, js) if positions.device.type == "cpu" else None
         direct = plan.base if plan is not None else torch.arange(n)
         split = plan.split if plan is not None else 0
         products = (float(js[direct].sum()) + split) / n
-        terms = F._poly_weights(positions, degree).shape[-1]
+        terms = polynomial.poly_weights(positions, degree).shape[-1]
         flat = torch.randn(enc.num_heads * enc.num_blocks * s * s, terms, device=positions.device)
         weights = torch.randn(terms, len(direct), device=positions.device)
         t_gemm = median_ms(lambda: flat @ weights)
-        t_coef = median_ms(lambda: F._poly_coefficients(bases, degree))
+        t_coef = median_ms(lambda: polynomial.poly_coefficients(bases, degree))
     else:
-        k, chunks, _ = F._TAYLOR[torch.float32]
+        k, chunks, _ = taylor.TAYLOR[torch.float32]
         products = (k - 1) + (chunks - 1) + F.squarings_for(float(token_bound.max()))
     heads = layer.num_heads
     if K.usable(bases, size=s, sizes=K.APPLY_SIZES):

@@ -15,6 +15,8 @@ from conftest import randn, use_pytorch_path
 from liere import LieRE, RotaryAttention, grid_positions
 from liere import functional as F
 from liere import kernels as K
+from liere.speed import blockwise, polynomial
+from liere.speed import token_squarings as squaring
 
 needs_kernels = pytest.mark.skipif(
     not K.available(), reason=f"compiled kernels unavailable: {K.unavailable_reason()}"
@@ -51,14 +53,14 @@ def test_kernel_squarings_match_plain(dtype, size, layout):
     js = torch.randint(0, 5, (n,), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
     js[0], js[-1] = 0, 6
     fast = K.squarings_forward(series, js, h, m, layout)
-    ref = F._token_squarings_plain(series, js.long(), h, m, layout)
+    ref = squaring.token_squarings_plain(series, js.long(), h, m, layout)
     tol = 1e-5 if dtype == torch.float32 else 1e-13
     torch.testing.assert_close(fast, ref, atol=tol, rtol=0)
     grad = randn(*ref.shape, seed=2, dtype=dtype)
     d_fast = K.squarings_backward(series, js, grad.contiguous(), h, m, layout)
     leaf = series.clone().requires_grad_(True)
     (d_ref,) = torch.autograd.grad(
-        F._token_squarings_plain(leaf, js.long(), h, m, layout), leaf, grad
+        squaring.token_squarings_plain(leaf, js.long(), h, m, layout), leaf, grad
     )
     torch.testing.assert_close(d_fast, d_ref, atol=50 * tol, rtol=0)
 
@@ -74,7 +76,7 @@ def test_kernel_squarings_gradcheck(layout):
     series.requires_grad_(True)
 
     def fn(t):
-        return F._KernelSquarings.apply(t, js, h, m, layout)
+        return squaring.KernelSquarings.apply(t, js, h, m, layout)
 
     assert torch.autograd.gradcheck(fn, (series,))
     assert torch.autograd.gradgradcheck(fn, (series,))  # recomputed in plain ops
@@ -99,7 +101,7 @@ def test_kernel_application_matches_plain(dtype, size, rot_heads, prefix):
     q, k = qk_views(b, h, prefix + n, m * size, dtype, seed=size)
     rot = orthogonal(rot_heads * n * m, size, seed=5, dtype=dtype).view(rot_heads, n, m, size, size)
     fast = K.apply_forward(q, k, rot, prefix)
-    ref = F._blockwise_pair_plain(q, k, rot, prefix)
+    ref = blockwise.blockwise_pair_plain(q, k, rot, prefix)
     tol = size * (2e-7 if dtype == torch.float32 else 4e-16)  # sums of `size` products
     for f, r in zip(fast, ref):
         assert f.is_contiguous()
@@ -107,7 +109,7 @@ def test_kernel_application_matches_plain(dtype, size, rot_heads, prefix):
     gq, gk = randn(*q.shape, seed=6, dtype=dtype), randn(*k.shape, seed=7, dtype=dtype)
     gq = gq.transpose(1, 2).contiguous().transpose(1, 2)  # a strided upstream gradient
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, rot)]
-    outs = F._blockwise_pair_plain(*leaves, prefix)
+    outs = blockwise.blockwise_pair_plain(*leaves, prefix)
     d_ref = torch.autograd.grad(outs, leaves, (gq, gk))
     d_fast = K.apply_backward(q, k, rot, gq, gk, prefix, True, True)
     for f, r in zip(d_fast, d_ref):
@@ -124,7 +126,7 @@ def test_kernel_application_with_strided_channels():
     wide = randn(b, h, n, 2 * 2 * s, seed=1, dtype=torch.float64)
     q, k = wide[..., ::2], wide[..., 1::2]
     rot = orthogonal(h * n * 2, s, seed=2, dtype=torch.float64).view(h, n, 2, s, s)
-    for f, r in zip(K.apply_forward(q, k, rot, 0), F._blockwise_pair_plain(q, k, rot, 0)):
+    for f, r in zip(K.apply_forward(q, k, rot, 0), blockwise.blockwise_pair_plain(q, k, rot, 0)):
         torch.testing.assert_close(f, r, atol=1e-14, rtol=0)
 
 
@@ -194,8 +196,9 @@ def test_pytorch_path_per_token_squarings_match_reference(eager):
     positions = torch.rand(40, 2, generator=torch.Generator().manual_seed(2)) * 2
     positions[5] = 0.0  # a token needing no squaring
     norms = torch.linalg.matrix_norm(bases, ord=2)
-    js = F._token_squarings(
-        (positions.abs().unsqueeze(-3) @ norms).amax(dim=(-3, -1)), F._POLY[torch.float32][1]
+    js = squaring.token_squarings(
+        (positions.abs().unsqueeze(-3) @ norms).amax(dim=(-3, -1)),
+        polynomial.POLY[torch.float32][1],
     )
     assert len(set(js.tolist())) >= 3
     leaf = bases.clone().requires_grad_(True)
@@ -218,7 +221,7 @@ def test_pytorch_path_squarings_gradcheck(eager):
 
 
 def test_squaring_degree_table_is_accurate():
-    for table in (F._POLY,):
+    for table in (polynomial.POLY,):
         for dtype, (degree, theta) in table.items():
             bound = theta ** (degree + 1) / math.factorial(degree + 1)
             assert bound <= torch.finfo(dtype).eps / 2  # the unit roundoff

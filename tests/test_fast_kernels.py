@@ -10,7 +10,7 @@ from conftest import randn
 
 from liere import LieRE, RotaryAttention, grid_positions
 from liere import functional as F
-from liere.speed import taylor
+from liere.speed import polynomial, taylor
 
 
 @pytest.fixture(autouse=True)
@@ -20,7 +20,7 @@ def _on_both_paths(both_paths):
 
 def taylor_autograd(x, squarings):
     """The plain series sum_i X^i / i! (degree as the fast path) and j squarings, autograd."""
-    k, chunks, _ = F._TAYLOR[x.dtype]
+    k, chunks, _ = taylor.TAYLOR[x.dtype]
     eye = torch.eye(x.shape[-1], dtype=x.dtype).expand_as(x)
     term, total = eye, eye
     for i in range(1, k * chunks):
@@ -42,7 +42,7 @@ def skew(count, size, norm, seed, dtype=torch.float64):
 def test_taylor_backward_matches_autograd(size, squarings):
     x = skew(7, size, 1.0, seed=size).requires_grad_(True)
     upstream = randn(7, size, size, seed=1, dtype=torch.float64)
-    fast = F._taylor_expm_squared(x, squarings)
+    fast = taylor.taylor_expm_squared(x, squarings)
     (g_fast,) = torch.autograd.grad((fast * upstream).sum(), x)
     ref = taylor_autograd(x, squarings)
     (g_ref,) = torch.autograd.grad((ref * upstream).sum(), x)
@@ -52,14 +52,14 @@ def test_taylor_backward_matches_autograd(size, squarings):
 
 def test_entry_major_product_in_row_chunks(monkeypatch):
     a, b = randn(8, 8, 23, seed=1), randn(8, 8, 23, seed=2)
-    whole = F._entry_major_mm(a, b)
-    monkeypatch.setattr(taylor, "_ENTRY_MAJOR_CHUNK", 5)  # 23 = 4 chunks of 5 + 3
-    chunked = F._entry_major_mm(a, b)
+    whole = taylor.entry_major_mm(a, b)
+    monkeypatch.setattr(taylor, "ENTRY_MAJOR_CHUNK", 5)  # 23 = 4 chunks of 5 + 3
+    chunked = taylor.entry_major_mm(a, b)
     ref = torch.bmm(a.permute(2, 0, 1), b.permute(2, 0, 1)).permute(1, 2, 0)
     torch.testing.assert_close(chunked, whole, atol=0, rtol=0)
     torch.testing.assert_close(chunked, ref, atol=1e-5, rtol=1e-5)
     acc = whole.clone()
-    torch.testing.assert_close(F._entry_major_mm(a, b, out=acc), 2 * whole)
+    torch.testing.assert_close(taylor.entry_major_mm(a, b, out=acc), 2 * whole)
 
 
 @pytest.mark.parametrize("size", [4, 10])  # entry-major and batch-major layouts
@@ -84,7 +84,7 @@ def test_taylor_double_backward_matches_autograd(size):
     x = skew(3, size, 1.0, seed=0).requires_grad_(True)
     up = randn(3, size, size, seed=1, dtype=torch.float64)
     results = []
-    for fn in (F._taylor_expm_squared, taylor_autograd):
+    for fn in (taylor.taylor_expm_squared, taylor_autograd):
         (g,) = torch.autograd.grad((fn(x, 2) * up).sum(), x, create_graph=True)
         results.append(torch.autograd.grad((g * g).sum(), x)[0])
     torch.testing.assert_close(results[0], results[1], atol=1e-10, rtol=0)
@@ -201,7 +201,7 @@ def test_attention_prefix_path_matches_manual_slicing():
 
 def test_taylor_degree_table_is_accurate():
     # the fast path's degree: truncation theta^(deg+1)/(deg+1)! under the unit roundoff
-    for dtype, (k, chunks, theta) in F._TAYLOR.items():
+    for dtype, (k, chunks, theta) in taylor.TAYLOR.items():
         degree = k * chunks - 1
         bound = theta ** (degree + 1) / math.factorial(degree + 1)
         assert bound <= torch.finfo(dtype).eps
@@ -215,8 +215,8 @@ def test_polynomial_series_equals_the_taylor_series(axes):
     degree = 7
     bases = skew(2 * axes * 3, 4, 0.8, seed=axes).view(2, axes, 3, 4, 4)
     positions = randn(5, axes, seed=1, dtype=torch.float64)
-    coefficients = F._poly_coefficients(bases, degree)  # (h*m, s, T*s)
-    weights = F._poly_weights(positions, degree)  # (n, T)
+    coefficients = polynomial.poly_coefficients(bases, degree)  # (h*m, s, T*s)
+    weights = polynomial.poly_weights(positions, degree)  # (n, T)
     terms = weights.shape[-1]
     assert terms == math.comb(degree + axes, axes)
     blocks = coefficients.view(6, 4, terms, 4)
@@ -231,17 +231,17 @@ def test_polynomial_series_equals_the_taylor_series(axes):
 
 @pytest.mark.parametrize("axes", [1, 2])
 def test_coefficient_recursion_backward_matches_autograd(axes):
-    # _PolyCoefficients' hand-written backward against autograd through the plain recursion
+    # PolyCoefficients' hand-written backward against autograd through the plain recursion
     bases = skew(2 * axes * 2, 3, 0.7, seed=5 + axes).view(2, axes, 2, 3, 3)
-    stacked = F._stack_axes(bases).requires_grad_(True)
-    fast = F._PolyCoefficients.apply(stacked, 5)
-    plain = F._poly_coefficients_plain(stacked, 5)
+    stacked = polynomial.stack_axes(bases).requires_grad_(True)
+    fast = polynomial.PolyCoefficients.apply(stacked, 5)
+    plain = polynomial.poly_coefficients_plain(stacked, 5)
     torch.testing.assert_close(fast, plain, atol=1e-13, rtol=0)
     grad = randn(*fast.shape, seed=6, dtype=torch.float64)
     (d_fast,) = torch.autograd.grad(fast, stacked, grad)
     (d_plain,) = torch.autograd.grad(plain, stacked, grad)
     torch.testing.assert_close(d_fast, d_plain, atol=1e-11, rtol=0)
-    assert torch.autograd.gradcheck(lambda x: F._PolyCoefficients.apply(x, 3), (stacked,))
+    assert torch.autograd.gradcheck(lambda x: polynomial.PolyCoefficients.apply(x, 3), (stacked,))
 
 
 @pytest.mark.parametrize("axes", [1, 3])  # 3 axes: Paterson-Stockmeyer per token

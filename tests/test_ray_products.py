@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from liere import LieRE, grid_positions
 from liere import functional as F
 from liere import kernels as K
-from liere.speed import rays
+from liere.speed import polynomial, rays
+from liere.speed import token_squarings as squaring
 
 
 def dense_bases(heads=2, axes=2, blocks=1, size=8, seed=0, scale=1.0, dtype=torch.float32):
@@ -29,13 +30,13 @@ def reference(positions, bases):
 
 
 def squarings(positions, bases):
-    sigma = F._spectral_norms(bases.detach())
+    sigma = squaring.spectral_norms(bases.detach())
     bound = torch.matmul(positions.abs().unsqueeze(-3), sigma).amax(dim=(-3, -1))
-    return F._token_squarings(bound, F._POLY[bases.dtype][1])
+    return squaring.token_squarings(bound, polynomial.POLY[bases.dtype][1])
 
 
 def no_rays(monkeypatch):
-    monkeypatch.setattr(rays, "_ray_plan", lambda positions, js: None)
+    monkeypatch.setattr(rays, "ray_plan", lambda positions, js: None)
 
 
 # -- the plan ---------------------------------------------------------------------------------
@@ -43,7 +44,7 @@ def no_rays(monkeypatch):
 
 def test_plan_splits_the_grid_tokens_that_are_multiples():
     positions = grid_positions(14, 14)
-    plan = F._build_ray_plan(positions, torch.ones(196, dtype=torch.long))
+    plan = rays.build_ray_plan(positions, torch.ones(196, dtype=torch.long))
     # token (i, j) is g * (i/g, j/g) with g = gcd(i, j) >= 2
     multiples = sum(math.gcd(i, j) >= 2 for i in range(14) for j in range(14))
     assert plan is not None and plan.split == multiples == 78
@@ -61,7 +62,7 @@ def test_plan_splits_the_grid_tokens_that_are_multiples():
 def test_plan_items_are_sums_of_parallel_tokens(rows, cols, reference, seed, dtype):
     positions = grid_positions(rows, cols, reference=reference, dtype=dtype)
     js = torch.randint(0, 3, (rows * cols,), generator=torch.Generator().manual_seed(seed))
-    plan = F._build_ray_plan(positions, js)
+    plan = rays.build_ray_plan(positions, js)
     if plan is None:
         return
     done = set(plan.base.tolist())
@@ -89,12 +90,12 @@ def test_plan_items_are_sums_of_parallel_tokens(rows, cols, reference, seed, dty
 )
 def test_plan_is_none_where_no_token_is_a_product(positions):
     js = torch.ones(positions.shape[0], dtype=torch.long)
-    assert F._build_ray_plan(positions, js) is None
+    assert rays.build_ray_plan(positions, js) is None
 
 
 def test_plan_leaves_repeated_positions_and_unsquared_tokens_direct():
     positions = torch.tensor([[0.25, 0.0], [0.5, 0.0], [0.5, 0.0], [0.75, 0.0], [1.0, 0.0]])
-    plan = F._build_ray_plan(positions, torch.tensor([1, 1, 1, 1, 0]))
+    plan = rays.build_ray_plan(positions, torch.tensor([1, 1, 1, 1, 0]))
     assert plan is not None
     split = torch.cat([level[0] for level in plan.levels]).tolist()
     assert 1 in split and 3 in split  # 0.5 = 0.25 + 0.25, 0.75 = 0.5 + 0.25
@@ -104,18 +105,18 @@ def test_plan_leaves_repeated_positions_and_unsquared_tokens_direct():
 
 def test_plan_is_cached_per_positions_and_squarings(monkeypatch):
     built = []
-    build = rays._build_ray_plan
-    monkeypatch.setattr(rays, "_RAY_PLAN_CACHE", {})
-    monkeypatch.setattr(rays, "_build_ray_plan", lambda p, j: built.append(1) or build(p, j))
+    build = rays.build_ray_plan
+    monkeypatch.setattr(rays, "RAY_PLAN_CACHE", {})
+    monkeypatch.setattr(rays, "build_ray_plan", lambda p, j: built.append(1) or build(p, j))
     positions, js = grid_positions(5, 5), torch.ones(25, dtype=torch.long)
-    first = rays._ray_plan(positions, js)
-    assert rays._ray_plan(positions.clone(), js.clone()) is first and len(built) == 1
-    rays._ray_plan(positions, js * 2)
-    rays._ray_plan(grid_positions(5, 6), torch.ones(30, dtype=torch.long))
+    first = rays.ray_plan(positions, js)
+    assert rays.ray_plan(positions.clone(), js.clone()) is first and len(built) == 1
+    rays.ray_plan(positions, js * 2)
+    rays.ray_plan(grid_positions(5, 6), torch.ones(30, dtype=torch.long))
     assert len(built) == 3
-    for k in range(2 * rays._RAY_PLAN_CACHE_SIZE):
-        rays._ray_plan(grid_positions(3, 3 + k), torch.ones(3 * (3 + k), dtype=torch.long))
-    assert len(rays._RAY_PLAN_CACHE) <= rays._RAY_PLAN_CACHE_SIZE
+    for k in range(2 * rays.RAY_PLAN_CACHE_SIZE):
+        rays.ray_plan(grid_positions(3, 3 + k), torch.ones(3 * (3 + k), dtype=torch.long))
+    assert len(rays.RAY_PLAN_CACHE) <= rays.RAY_PLAN_CACHE_SIZE
 
 
 # -- values and gradients ---------------------------------------------------------------------
@@ -130,13 +131,13 @@ def test_split_rotations_match_matrix_exp_and_the_direct_path(
         heads=2, blocks=64 // size // 2 or 1, size=size, scale=2.0, dtype=float_dtype
     )
     js = squarings(positions, bases)
-    plan = F._ray_plan(positions, js)
+    plan = rays.ray_plan(positions, js)
     assert plan is not None and plan.split > 0
     leaf = bases.clone().requires_grad_(True)
     fast = F.lie_rotations(positions, leaf)
     ref = reference(positions, bases)
     eps = torch.finfo(float_dtype).eps
-    norm = float(F._spectral_norms(bases).sum(1).amax()) * float(positions.abs().max())
+    norm = float(squaring.spectral_norms(bases).sum(1).amax()) * float(positions.abs().max())
     torch.testing.assert_close(fast.double(), ref, atol=10 * size * eps * max(1.0, norm), rtol=0)
     grad = randn(*fast.shape, seed=3, dtype=float_dtype)
     (d_fast,) = torch.autograd.grad(fast, leaf, grad)
@@ -158,13 +159,13 @@ def test_ray_products_gradcheck(both_paths, size):
         [[0.25, 0.0], [0.5, 0.0], [0.75, 0.0], [0.5, 0.5]], dtype=torch.float64
     )
     bases = dense_bases(heads=1, size=size, scale=0.3, dtype=torch.float64)
-    plan = F._build_ray_plan(positions, torch.ones(4, dtype=torch.long))
+    plan = rays.build_ray_plan(positions, torch.ones(4, dtype=torch.long))
     assert plan is not None and plan.base.tolist() == [0, 3] and len(plan.levels) == 2
     base = F.lie_rotations(positions[plan.base], bases).requires_grad_(True)
-    torch.autograd.gradcheck(lambda b: F._RayProducts.apply(b, plan), (base,))
-    torch.autograd.gradgradcheck(lambda b: F._RayProducts.apply(b, plan), (base,))
-    out = F._RayProducts.apply(base, plan)
-    plain = F._ray_products_plain(base, plan)
+    torch.autograd.gradcheck(lambda b: rays.RayProducts.apply(b, plan), (base,))
+    torch.autograd.gradgradcheck(lambda b: rays.RayProducts.apply(b, plan), (base,))
+    out = rays.RayProducts.apply(base, plan)
+    plain = rays.ray_products_plain(base, plan)
     torch.testing.assert_close(out, plain, atol=1e-13, rtol=0)
     grad = randn(*out.shape, seed=1, dtype=torch.float64)
     (d_out,) = torch.autograd.grad(out, base, grad)
@@ -177,12 +178,12 @@ def test_ray_products_gradcheck(both_paths, size):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_compiled_ray_products_match_torch(size, dtype):
     positions = grid_positions(8, 8, dtype=dtype)
-    plan = F._build_ray_plan(positions, torch.ones(64, dtype=torch.long))
+    plan = rays.build_ray_plan(positions, torch.ones(64, dtype=torch.long))
     gen = randn(3, len(plan.base), 2, size, size, seed=2, dtype=torch.float64) * 0.1
     base = torch.linalg.matrix_exp(gen - gen.mT).to(dtype)  # (h, tokens, m, s, s) rotations
     rot = base.new_empty(3, 64, 2, size, size).index_copy_(1, plan.base, base)
     K.ray_products_forward(rot, *plan.items)
-    plain = F._ray_products_plain(base.requires_grad_(True), plan)
+    plain = rays.ray_products_plain(base.requires_grad_(True), plan)
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(rot, plain.detach(), atol=tol, rtol=0)
     grad = randn(*rot.shape, seed=4, dtype=dtype)
@@ -195,8 +196,8 @@ def test_compiled_ray_products_match_torch(size, dtype):
 
 def test_positions_that_need_a_gradient_stay_direct(monkeypatch):
     calls = []
-    plan = F._ray_plan
-    monkeypatch.setattr(rays, "_ray_plan", lambda p, j: calls.append(1) or plan(p, j))
+    plan = rays.ray_plan
+    monkeypatch.setattr(rays, "ray_plan", lambda p, j: calls.append(1) or plan(p, j))
     positions = grid_positions(6, 6, dtype=torch.float64).requires_grad_(True)
     bases = dense_bases(size=8, scale=2.0, dtype=torch.float64)
     fast = F.lie_rotations(positions, bases)
@@ -212,7 +213,7 @@ def test_positions_that_need_a_gradient_stay_direct(monkeypatch):
 def test_three_axes_and_batched_positions(monkeypatch):
     positions = grid_positions(4, 5, 5)
     bases = dense_bases(heads=2, axes=3, blocks=2, size=8, scale=1.5)
-    assert F._ray_plan(positions, squarings(positions, bases)) is not None
+    assert rays.ray_plan(positions, squarings(positions, bases)) is not None
     fast = F.lie_rotations(positions, bases)
     torch.testing.assert_close(fast.double(), reference(positions, bases), atol=2e-5, rtol=0)
     batched = torch.stack([positions, positions.flip(0)])  # per-sample positions: direct
@@ -255,7 +256,7 @@ def test_large_dense_generators_stay_finite(both_paths, scale):
     positions = grid_positions(4, 4) * 0.5
     fast = F.lie_rotations(positions, bases)
     assert torch.isfinite(fast).all()
-    norm = float(F._spectral_norms(bases).sum(1).amax()) * 0.5
+    norm = float(squaring.spectral_norms(bases).sum(1).amax()) * 0.5
     eps = torch.finfo(torch.float32).eps
     torch.testing.assert_close(
         fast.double(), reference(positions, bases), atol=10 * 64 * eps * norm, rtol=0
@@ -265,11 +266,11 @@ def test_large_dense_generators_stay_finite(both_paths, scale):
 @pytest.mark.skipif(not K.available(), reason="compiled kernels unavailable")
 @pytest.mark.parametrize("layout", ["entry", "batch"])
 def test_fused_kernel_rotations_gradcheck(layout):
-    # _KernelRotations: squarings written to the direct tokens' rows, then the products
+    # KernelRotations: squarings written to the direct tokens' rows, then the products
     positions = torch.tensor(
         [[0.25, 0.0], [0.5, 0.0], [0.75, 0.0], [0.5, 0.5]], dtype=torch.float64
     )
-    plan = F._build_ray_plan(positions, torch.ones(4, dtype=torch.long))
+    plan = rays.build_ray_plan(positions, torch.ones(4, dtype=torch.long))
     h, m, s = 1, 2, 4
     gen = randn(len(plan.base), h * m, s, s, seed=7, dtype=torch.float64) * 0.2
     series = torch.linalg.matrix_exp(gen - gen.mT)  # (N, hm, s, s): "batch"
@@ -279,10 +280,12 @@ def test_fused_kernel_rotations_gradcheck(layout):
     leaf = series.clone().requires_grad_(True)
 
     def fused(x):
-        return F._KernelRotations.apply(x, js, h, m, layout, plan)
+        return rays.KernelRotations.apply(x, js, h, m, layout, plan)
 
     def unfused(x):
-        return F._ray_products_plain(F._token_squarings_plain(x, js.long(), h, m, layout), plan)
+        return rays.ray_products_plain(
+            squaring.token_squarings_plain(x, js.long(), h, m, layout), plan
+        )
 
     torch.testing.assert_close(fused(leaf), unfused(leaf), atol=1e-13, rtol=0)
     torch.autograd.gradcheck(fused, (leaf,))

@@ -5,7 +5,9 @@ Axis letters used in every ``Shape:`` section: ``b`` batch, ``h`` heads, ``n`` t
 ``d`` head_dim, ``a`` position axes, ``m`` blocks per head (``d // s``), ``s`` block size,
 ``k`` rotary pairs (``d // 2``).
 
-Nothing here owns parameters; the modules in ``liere.encodings`` call these functions.
+Nothing here owns parameters; the modules in ``liere.encodings`` call these functions. The
+techniques behind them (``liere.speed``: one module each) keep their own names there, which
+their tests import.
 """
 
 from __future__ import annotations
@@ -37,92 +39,24 @@ __all__ = [
     "apply_rope",
     "compute_dtype",
     "apply_blockwise_exact",
+    "is_tracing",
+    "max_levels",
+    "FEW_TOKENS",
+    "LARGE_NORM",
+    "REORTHOGONALIZE_ABOVE",
 ]
 
 
-from .speed.blockwise import (  # noqa: F401
-    _apply_few,
-    _blockwise_pair_plain,
-    _BlockwisePair,
-    _gather_blocks,
-    _scatter_blocks,
-    apply_blockwise,
-    apply_blockwise_pair,
-)
-from .speed.device import lie_rotations_generic, max_levels  # noqa: F401
-from .speed.extrapolation import (  # noqa: F401
-    _REORTHOGONALIZE_CHUNK,
+from .speed.blockwise import apply_blockwise, apply_blockwise_pair
+from .speed.device import lie_rotations_generic, max_levels
+from .speed.extrapolation import (
     LARGE_NORM,
     REORTHOGONALIZE_ABOVE,
-    _squarings_for,
-    _warn_if_inaccurate,
     expm_skew,
     reorthogonalize,
     rotation_error_bound,
     squarings_for,
 )
-from .speed.polynomial import (  # noqa: F401
-    _POLY,
-    _POLY_MAX_AXES,
-    _level_offsets,
-    _monomial_table,
-    _poly_coefficients,
-    _poly_coefficients_plain,
-    _poly_weights,
-    _PolyCoefficients,
-    _series_product_plain,
-    _SeriesProduct,
-    _stack_axes,
-    _uses_polynomial,
-)
-from .speed.rays import (  # noqa: F401
-    _RAY_MAX_INDEX,
-    _RAY_PLAN_CACHE,
-    _RAY_PLAN_CACHE_SIZE,
-    _RAY_PLAN_LOCK,
-    _build_ray_plan,
-    _KernelRotations,
-    _ray_plan,
-    _ray_products_plain,
-    _RayPlan,
-    _RayProducts,
-)
-from .speed.rotations import (  # noqa: F401
-    FEW_TOKENS,
-    _direct_rotations,
-    _fast_rotations,
-    _few_token_rotations,
-    lie_rotations,
-)
-from .speed.taylor import (  # noqa: F401
-    _ENTRY_MAJOR_CHUNK,
-    _ENTRY_MAJOR_MAX_BLOCK,
-    _PS_TABLES,
-    _TAYLOR,
-    _as_batch_major,
-    _batch_mm,
-    _entry_major_mm,
-    _exp_by_squaring,
-    _layout,
-    _Squarings,
-    _squarings_plain,
-    _taylor_autograd,
-    _taylor_expm_squared,
-    _taylor_series,
-    _TaylorSeries,
-    _token_slicer,
-    compute_dtype,
-)
-from .speed.token_squarings import (  # noqa: F401
-    _KernelSquarings,
-    _spectral_norms,
-    _squaring_levels,
-    _TakeTokens,
-    _token_squarings,
-    _token_squarings_plain,
-)
-from .speed.tracing import (  # noqa: F401
-    _TRACING_CHECKS,
-    _tracing_checks,
-    is_tracing,
-)
+from .speed.rotations import FEW_TOKENS, lie_rotations
+from .speed.taylor import compute_dtype
+from .speed.tracing import is_tracing

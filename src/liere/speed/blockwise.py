@@ -88,7 +88,7 @@ def apply_blockwise_pair(
     if not is_tracing() and pair_function_serves(q, k, rotations, p):
         out: tuple[Tensor, Tensor] = _BlockwisePair.apply(q, k, rotations, p)
         return out
-    return _blockwise_pair_plain(q, k, rotations, p)
+    return blockwise_pair_plain(q, k, rotations, p)
 
 
 def pair_function_serves(q: Tensor, k: Tensor, rotations: Tensor, p: int) -> bool:
@@ -119,7 +119,7 @@ def _apply_few(x: Tensor, rotations: Tensor) -> Tensor:
     return out.reshape(b, h, n, m * s)
 
 
-def _blockwise_pair_plain(q: Tensor, k: Tensor, rotations: Tensor, p: int) -> tuple[Tensor, Tensor]:
+def blockwise_pair_plain(q: Tensor, k: Tensor, rotations: Tensor, p: int) -> tuple[Tensor, Tensor]:
     """Slice off the prefix, rotate each of q and k with autograd ops, concatenate."""
     q_rot, k_rot = apply_blockwise(q[:, :, p:], rotations), apply_blockwise(k[:, :, p:], rotations)
     if p == 0:
@@ -193,7 +193,7 @@ class _BlockwisePair(torch.autograd.Function):
             # create_graph=True (double backward): recompute differentiably
             inputs = [t for t in (q, k, rotations) if t.requires_grad]
             with torch.enable_grad():
-                outs = _blockwise_pair_plain(q, k, rotations, p)
+                outs = blockwise_pair_plain(q, k, rotations, p)
                 grads = iter(torch.autograd.grad(outs, inputs, (grad_q, grad_k), create_graph=True))
             d_q, d_k, d_r = (next(grads) if t.requires_grad else None for t in (q, k, rotations))
             return d_q, d_k, d_r, None

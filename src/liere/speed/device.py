@@ -41,7 +41,7 @@ from torch import Tensor
 from liere.definition import block_generators
 
 from .extrapolation import LARGE_NORM, REORTHOGONALIZE_ABOVE, _warn_if_inaccurate, squarings_for
-from .taylor import _TAYLOR
+from .taylor import TAYLOR
 
 
 def max_levels(dtype: torch.dtype) -> int:
@@ -66,12 +66,12 @@ def lie_rotations_generic(
         -> ``(h, n, m, s, s)`` or ``(b, h, n, m, s, s)``
     """
     dtype = bases.dtype
-    if dtype not in _TAYLOR or positions.dtype != dtype:
+    if dtype not in TAYLOR or positions.dtype != dtype:
         raise ValueError(
             f"lie_rotations computes in float32 or float64, positions and bases alike; got "
             f"positions {positions.dtype} and bases {dtype}."
         )
-    theta = _TAYLOR[dtype][2]
+    theta = TAYLOR[dtype][2]
     bound = _norm_bounds(positions.detach(), bases.detach())  # (.., h, n, m)
     if check_finite:
         norm = float(bound.amax()) if bound.numel() else 0.0  # the one host read
@@ -125,7 +125,7 @@ def _series(x: Tensor) -> Tensor:
     Shape:
         ``(N, s, s)`` -> ``(N, s, s)``
     """
-    k, chunks, _ = _TAYLOR[x.dtype]
+    k, chunks, _ = TAYLOR[x.dtype]
     eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
     powers = [x]
     for _ in range(k - 1):

@@ -17,7 +17,7 @@ from liere.definition import (
     expm_skew_reference,
 )
 
-from .taylor import _TAYLOR, _taylor_expm_squared
+from .taylor import TAYLOR, taylor_expm_squared
 from .tracing import is_tracing
 
 # Note [extrapolation]: float32 rotations lose orthogonality in proportion to the generator
@@ -111,7 +111,7 @@ def squarings_for(
             "the generators contain NaN or Inf (from non-finite positions or parameters); "
             "cannot exponentiate them."
         )
-    theta = _TAYLOR[dtype][2] if theta is None else theta
+    theta = TAYLOR[dtype][2] if theta is None else theta
     return max(0, math.ceil(math.log2(norm_bound / theta))) if norm_bound > theta else 0
 
 
@@ -161,4 +161,4 @@ def expm_skew(gen: Tensor, *, method: str = "auto") -> Tensor:
     squarings = _squarings_for(gen)
     x = gen.reshape(-1, size, size)
     _warn_if_inaccurate(math.ldexp(1.0, squarings), gen.dtype)
-    return _taylor_expm_squared(x * (2.0**-squarings), squarings).reshape(gen.shape)
+    return taylor_expm_squared(x * (2.0**-squarings), squarings).reshape(gen.shape)

@@ -43,29 +43,29 @@ from liere import kernels as _kernels
 # leaves every generator p_a B_a as it was, bit for bit (powers of two), and bounds ||C_e|| by
 # binom(degree, degree / 2) (3,432 at degree 14).
 # (degree, theta): theta^(degree+1)/(degree+1)! below the unit roundoff
-_POLY = {torch.float32: (14, 2.11), torch.float64: (24, 2.30)}
+POLY = {torch.float32: (14, 2.11), torch.float64: (24, 2.30)}
 _POLY_MAX_AXES = 2
 
 
-def _uses_polynomial(dtype: torch.dtype, num_axes: int) -> bool:
-    return dtype in _POLY and num_axes <= _POLY_MAX_AXES
+def uses_polynomial(dtype: torch.dtype, num_axes: int) -> bool:
+    return dtype in POLY and num_axes <= _POLY_MAX_AXES
 
 
-def _poly_coefficients(bases: Tensor, degree: int) -> Tensor:
+def poly_coefficients(bases: Tensor, degree: int) -> Tensor:
     """Coefficients ``C_e`` (Note [series as a polynomial in the positions]), side by side.
 
     Monomials are ordered by degree ``k``, then by the power ``i`` of the first axis
     (``p_0^i p_1^(k-i)`` for two axes). One bmm per degree forward, two backward
-    (``_PolyCoefficients``).
+    (``PolyCoefficients``).
 
     Shape:
         bases ``(h, a, m, s, s)``, a <= 2 -> ``(h*m, s, T*s)``
     """
-    out: Tensor = _PolyCoefficients.apply(_stack_axes(bases), degree)
+    out: Tensor = PolyCoefficients.apply(stack_axes(bases), degree)
     return out
 
 
-def _stack_axes(bases: Tensor) -> Tensor:
+def stack_axes(bases: Tensor) -> Tensor:
     """``[B_0; B_1]`` stacked by rows for every (head, block): ``(h, a, m, s, s)`` ->
     ``(h*m, a*s, s)``, so one bmm multiplies every axis with every coefficient block."""
     h, a, m, s, _ = bases.shape
@@ -81,11 +81,11 @@ def _level_offsets(degree: int, a: int) -> list[int]:
     return offsets
 
 
-def _poly_coefficients_plain(stacked: Tensor, degree: int) -> Tensor:
-    """``_PolyCoefficients`` in plain autograd ops (the reference; double backward).
+def poly_coefficients_plain(stacked: Tensor, degree: int) -> Tensor:
+    """``PolyCoefficients`` in plain autograd ops (the reference; double backward).
 
     Shape:
-        stacked ``(h*m, a*s, s)`` (``_stack_axes``) -> ``(h*m, s, T*s)``
+        stacked ``(h*m, a*s, s)`` (``stack_axes``) -> ``(h*m, s, T*s)``
     """
     s = stacked.shape[-1]
     level = torch.eye(s, dtype=stacked.dtype, device=stacked.device).expand(stacked.shape[0], s, s)
@@ -102,7 +102,7 @@ def _poly_coefficients_plain(stacked: Tensor, degree: int) -> Tensor:
     return torch.cat(levels, dim=-1)
 
 
-class _PolyCoefficients(torch.autograd.Function):
+class PolyCoefficients(torch.autograd.Function):
     """The coefficient recursion written into one buffer, with a hand-written backward: per
     degree ``G_prod = [G_k shifted; G_k]``, ``dS += G_prod @ C_(k-1)^T`` and
     ``G_(k-1) += S^T @ G_prod`` (autograd through pad/cat/slice costs about twice as much)."""
@@ -134,14 +134,14 @@ class _PolyCoefficients(torch.autograd.Function):
         degree = ctx.degree
         if torch.is_grad_enabled():  # create_graph=True: recompute differentiably
             with torch.enable_grad():
-                ref = _poly_coefficients_plain(stacked, degree)
+                ref = poly_coefficients_plain(stacked, degree)
                 (d,) = torch.autograd.grad(ref, stacked, grad, create_graph=True)
             return d, None
         return _poly_coefficients_backward(grad, stacked, out, degree), None
 
 
 def _poly_coefficients_backward(grad: Tensor, stacked: Tensor, out: Tensor, degree: int) -> Tensor:
-    """``_PolyCoefficients``' vector-Jacobian product (first order, no autograd): the
+    """``PolyCoefficients``' vector-Jacobian product (first order, no autograd): the
     gradient with respect to the stacked bases, from the coefficients ``out`` it produced."""
     hm, rows, s = stacked.shape
     a = rows // s
@@ -185,7 +185,7 @@ class _SeriesProduct(torch.autograd.Function):
     """``_series_product_plain`` with every large buffer (the coefficients laid out for the
     GEMM, the series, and their gradients) from the buffer pool (Note [buffer pool] in
     ``liere.kernels``): one permuted copy and one GEMM each way. Saves the coefficients (which
-    ``_PolyCoefficients`` keeps anyway), the weights, and the permuted copy only when the
+    ``PolyCoefficients`` keeps anyway), the weights, and the permuted copy only when the
     weights need a gradient."""
 
     @staticmethod
@@ -262,8 +262,8 @@ def _series_product_coefficients_grad(
     return d_coef
 
 
-def _poly_weights(positions: Tensor, degree: int) -> Tensor:
-    """Monomials ``p^e / |e|!`` in the order of ``_poly_coefficients`` (powers by a cumulative
+def poly_weights(positions: Tensor, degree: int) -> Tensor:
+    """Monomials ``p^e / |e|!`` in the order of ``poly_coefficients`` (powers by a cumulative
     product, so gradients stay finite at p = 0; a handful of ops whatever the degree).
 
     Shape:
@@ -281,7 +281,7 @@ def _poly_weights(positions: Tensor, degree: int) -> Tensor:
 def _monomial_table(
     degree: int, axes: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Powers of each axis and ``1/|e|!`` for every monomial, in ``_poly_coefficients`` order
+    """Powers of each axis and ``1/|e|!`` for every monomial, in ``poly_coefficients`` order
     (degree ``k``, then the power ``i`` of the first axis: ``p_0^i p_1^(k-i)``)."""
     if axes == 1:
         exps = [(k, 0, k) for k in range(degree + 1)]

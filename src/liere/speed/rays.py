@@ -14,7 +14,7 @@ from torch import Tensor
 
 from liere import kernels as _kernels
 
-from .token_squarings import _token_squarings_plain
+from .token_squarings import token_squarings_plain
 
 # Note [products along rays]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -27,7 +27,7 @@ from .token_squarings import _token_squarings_plain
 # one s x s product forward and two backward, in place of its share of the series and j
 # squarings (three products each in training). Both factors must be tokens too, computed
 # directly or split in turn; the splits form levels (ceil(log2 g) deep), each one batched
-# product over its tokens (_RayProducts). On the 14x14 grid 78 of the 196 tokens are split.
+# product over its tokens (RayProducts). On the 14x14 grid 78 of the 196 tokens are split.
 # Accuracy: a split is the top squaring of scaling and squaring (R(2x) = R(x)^2) with its
 # halves' errors added, so a token is split only when the direct path would square it at least
 # once (bound_n > theta); nearer the origin, where a chain of products would start from a tiny
@@ -40,13 +40,13 @@ from .token_squarings import _token_squarings_plain
 # per-sample positions and non-CPU tensors (the plan is built on the host, once per distinct
 # set of positions and squaring counts, and kept in a small cache).
 
-_RAY_PLAN_CACHE: dict[tuple[Any, ...], Optional[_RayPlan]] = {}
-_RAY_PLAN_CACHE_SIZE = 32  # chunked rotations (max_tokens_per_chunk) need one per chunk
+RAY_PLAN_CACHE: dict[tuple[Any, ...], Optional[RayPlan]] = {}
+RAY_PLAN_CACHE_SIZE = 32  # chunked rotations (max_tokens_per_chunk) need one per chunk
 _RAY_MAX_INDEX = 2**20
 _RAY_PLAN_LOCK = threading.Lock()
 
 
-class _RayPlan:
+class RayPlan:
     """Which tokens are products of two others (Note [products along rays]).
 
     ``base``: tokens computed directly, in the order the direct rotations come in; ``levels``:
@@ -62,7 +62,7 @@ class _RayPlan:
         self.items = tuple(torch.cat([lv[k] for lv in self.levels]) for k in range(3))
 
 
-def _ray_plan(positions: Tensor, js: Tensor) -> Optional[_RayPlan]:
+def ray_plan(positions: Tensor, js: Tensor) -> Optional[RayPlan]:
     """The split of ``positions`` into directly computed tokens and products along rays, or
     ``None`` when no token is split (Note [products along rays]). ``js``: the direct path's
     squaring count per token; only tokens with ``j >= 1`` are split.
@@ -77,17 +77,17 @@ def _ray_plan(positions: Tensor, js: Tensor) -> Optional[_RayPlan]:
         tuple(js.tolist()),
     )
     with _RAY_PLAN_LOCK:
-        if key in _RAY_PLAN_CACHE:
-            return _RAY_PLAN_CACHE[key]
-    plan = _build_ray_plan(positions, js)
+        if key in RAY_PLAN_CACHE:
+            return RAY_PLAN_CACHE[key]
+    plan = build_ray_plan(positions, js)
     with _RAY_PLAN_LOCK:  # forward passes may run in several threads
-        while len(_RAY_PLAN_CACHE) >= _RAY_PLAN_CACHE_SIZE:
-            _RAY_PLAN_CACHE.pop(next(iter(_RAY_PLAN_CACHE)))
-        _RAY_PLAN_CACHE[key] = plan
+        while len(RAY_PLAN_CACHE) >= RAY_PLAN_CACHE_SIZE:
+            RAY_PLAN_CACHE.pop(next(iter(RAY_PLAN_CACHE)))
+        RAY_PLAN_CACHE[key] = plan
     return plan
 
 
-def _build_ray_plan(positions: Tensor, js: Tensor) -> Optional[_RayPlan]:
+def build_ray_plan(positions: Tensor, js: Tensor) -> Optional[RayPlan]:
     n = positions.shape[0]
     pos = positions.to(torch.float64)
     mag = pos.abs()
@@ -127,17 +127,17 @@ def _build_ray_plan(positions: Tensor, js: Tensor) -> Optional[_RayPlan]:
     for depth in range(1, max(v[0] for v in level.values()) + 1):
         rows = [(t, lt, rt) for t, (d, lt, rt) in level.items() if d == depth]
         levels.append(tuple(list(col) for col in zip(*rows)))
-    return _RayPlan(n, base, levels)
+    return RayPlan(n, base, levels)
 
 
-class _RayProducts(torch.autograd.Function):
+class RayProducts(torch.autograd.Function):
     """Rotations of every token from those of the directly computed ones (Note [products
     along rays]): level by level ``R[dst] = R[left] @ R[right]``; backward
     ``dR[left] += dR[dst] R[right]^T``, ``dR[right] += R[left]^T dR[dst]``, levels reversed.
     Saves only its output (the rotations, which the application keeps anyway)."""
 
     @staticmethod
-    def forward(ctx: Any, base: Tensor, plan: _RayPlan) -> Tensor:
+    def forward(ctx: Any, base: Tensor, plan: RayPlan) -> Tensor:
         h, _, m, s, _ = base.shape
         out = _kernels._fresh(base, h, plan.n, m, s, s)
         out.index_copy_(1, plan.base, base)
@@ -155,7 +155,7 @@ class _RayProducts(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (out,) = ctx.saved_tensors
-        plan: _RayPlan = ctx.plan
+        plan: RayPlan = ctx.plan
         if torch.is_grad_enabled():  # create_graph=True: out-of-place, differentiable
             g = grad
             for dst, left, right in reversed(plan.levels):
@@ -174,14 +174,14 @@ class _RayProducts(torch.autograd.Function):
         return g.index_select(1, plan.base), None
 
 
-class _KernelRotations(torch.autograd.Function):
-    """``_KernelSquarings`` of the directly computed tokens, written straight into their rows,
-    then ``_RayProducts``, both compiled (Note [products along rays]): the direct rotations
+class KernelRotations(torch.autograd.Function):
+    """``KernelSquarings`` of the directly computed tokens, written straight into their rows,
+    then ``RayProducts``, both compiled (Note [products along rays]): the direct rotations
     are never copied in or out of the full tensor, forward or backward."""
 
     @staticmethod
     def forward(
-        ctx: Any, series: Tensor, js: Tensor, h: int, m: int, layout: str, plan: _RayPlan
+        ctx: Any, series: Tensor, js: Tensor, h: int, m: int, layout: str, plan: RayPlan
     ) -> Tensor:
         size = _kernels.block_size_of(series, layout)
         out = _kernels._fresh(series, h, plan.n, m, size, size)
@@ -197,8 +197,8 @@ class _KernelRotations(torch.autograd.Function):
         h, m, layout, plan = ctx.args
         if torch.is_grad_enabled():  # create_graph=True: recompute differentiably
             with torch.enable_grad():
-                base = _token_squarings_plain(series, js, h, m, layout)
-                ref = _ray_products_plain(base, plan)
+                base = token_squarings_plain(series, js, h, m, layout)
+                ref = ray_products_plain(base, plan)
                 (d_series,) = torch.autograd.grad(ref, series, grad, create_graph=True)
             return d_series, None, None, None, None, None
         d_base = _kernels.ray_products_backward(out, grad.contiguous(), plan.base, *plan.items)
@@ -206,8 +206,8 @@ class _KernelRotations(torch.autograd.Function):
         return d_series, None, None, None, None, None
 
 
-def _ray_products_plain(base: Tensor, plan: _RayPlan) -> Tensor:
-    """``_RayProducts`` in plain autograd ops (the reference).
+def ray_products_plain(base: Tensor, plan: RayPlan) -> Tensor:
+    """``RayProducts`` in plain autograd ops (the reference).
 
     Shape:
         base ``(h, len(plan.base), m, s, s)`` -> ``(h, plan.n, m, s, s)``

@@ -27,31 +27,31 @@ from .extrapolation import (
     squarings_for,
 )
 from .polynomial import (
-    _POLY,
-    _poly_coefficients,
+    POLY,
+    PolyCoefficients,
     _poly_coefficients_backward,
-    _poly_weights,
-    _PolyCoefficients,
     _series_product_coefficients_grad,
     _SeriesProduct,
-    _stack_axes,
-    _uses_polynomial,
+    poly_coefficients,
+    poly_weights,
+    stack_axes,
+    uses_polynomial,
 )
-from .rays import _KernelRotations, _RayPlan, _RayProducts
+from .rays import KernelRotations, RayPlan, RayProducts
 from .taylor import (
-    _ENTRY_MAJOR_MAX_BLOCK,
-    _TAYLOR,
+    ENTRY_MAJOR_MAX_BLOCK,
+    TAYLOR,
     _exp_by_squaring,
     _Squarings,
     _taylor_autograd,
     _TaylorSeries,
 )
 from .token_squarings import (
-    _KernelSquarings,
-    _spectral_norms,
+    KernelSquarings,
     _squaring_levels,
     _TakeTokens,
-    _token_squarings,
+    spectral_norms,
+    token_squarings,
 )
 from .tracing import is_tracing
 
@@ -161,24 +161,24 @@ def _fast_rotations(positions: Tensor, bases: Tensor) -> tuple[Tensor, Tensor, f
     with torch.no_grad():
         if not bool(torch.isfinite(bases).all()):
             squarings_for(math.nan)  # raises: NaN/Inf parameters
-        sigma = _spectral_norms(bases.detach())  # (h, a, m)
+        sigma = spectral_norms(bases.detach())  # (h, a, m)
         bound = torch.matmul(positions.detach().abs().unsqueeze(-3), sigma)  # (.., h, n, m)
         norm = float(bound.amax()) if bound.numel() else 0.0
     _warn_if_inaccurate(norm, bases.dtype)
     if positions.dim() == 2 and positions.device.type == "cpu" and not positions.requires_grad:
         # Note [products along rays]
-        if _uses_polynomial(bases.dtype, bases.shape[1]):
-            theta = _POLY[bases.dtype][1]
+        if uses_polynomial(bases.dtype, bases.shape[1]):
+            theta = POLY[bases.dtype][1]
         else:
-            theta = _TAYLOR[bases.dtype][2]
-        js = _token_squarings(bound.amax(dim=(-3, -1)), theta)
-        plan = _rays._ray_plan(positions, js)
+            theta = TAYLOR[bases.dtype][2]
+        js = token_squarings(bound.amax(dim=(-3, -1)), theta)
+        plan = _rays.ray_plan(positions, js)
         if plan is not None:
             base = plan.base
             rotations, done = _direct_rotations(positions[base], bases, sigma, bound[:, base], plan)
             if done:
                 return rotations, bound, norm
-            split: Tensor = _RayProducts.apply(rotations, plan)
+            split: Tensor = RayProducts.apply(rotations, plan)
             return split, bound, norm
     return _direct_rotations(positions, bases, sigma, bound)[0], bound, norm
 
@@ -196,7 +196,7 @@ def _series_inputs(
     """
     e = math.frexp(float(sigma.amax()))[1] if sigma.numel() else 0
     scale = torch.exp2(e - js.to(positions.dtype)).unsqueeze(-1)
-    weights = _poly_weights(positions * scale, degree)
+    weights = poly_weights(positions * scale, degree)
     return weights, (bases * 2.0**-e if e else bases), e
 
 
@@ -211,8 +211,8 @@ def bases_vjp(
     bases, computed without autograd from the forward's output, for the registered backward
     operator (whose implementation cannot record an autograd graph: Note [registered
     operators] in ``liere.ops``). It recomputes the series' inputs and the series (cheap:
-    one GEMM) and runs the hand-written backwards of ``_KernelRotations``, ``_SeriesProduct``
-    and ``_PolyCoefficients`` in turn, never the squarings or products forward.
+    one GEMM) and runs the hand-written backwards of ``KernelRotations``, ``_SeriesProduct``
+    and ``PolyCoefficients`` in turn, never the squarings or products forward.
 
     Covers the fast path's common case: shared CPU positions with one or two axes, more than
     ``FEW_TOKENS`` tokens, the compiled kernels with products along rays, nothing
@@ -230,12 +230,12 @@ def bases_vjp(
         or size <= 2
         or positions.dtype != bases.dtype
         or rotations.dtype != bases.dtype
-        or not _uses_polynomial(bases.dtype, a)
+        or not uses_polynomial(bases.dtype, a)
         or not _kernels.usable(bases, positions, rotations, size=size)
         or not _kernels.usable(bases, size=size, sizes=_kernels.RAY_SIZES)
     ):
         return None
-    sigma = _spectral_norms(bases)
+    sigma = spectral_norms(bases)
     bound = torch.matmul(positions.abs().unsqueeze(-3), sigma)  # (h, n, m)
     norm = float(bound.amax())
     if not math.isfinite(norm):
@@ -243,19 +243,19 @@ def bases_vjp(
     if bases.dtype == torch.float32 and reorthogonalize_above is not None:
         if norm > reorthogonalize_above:
             return None
-    degree, theta = _POLY[bases.dtype]
+    degree, theta = POLY[bases.dtype]
     # the same plan and squaring counts as the forward (``_fast_rotations``)
-    plan = _rays._ray_plan(positions, _token_squarings(bound.amax(dim=(-3, -1)), theta))
+    plan = _rays.ray_plan(positions, token_squarings(bound.amax(dim=(-3, -1)), theta))
     if plan is None:
         return None
-    js = _token_squarings(bound[:, plan.base].amax(dim=(-3, -1)), theta)
+    js = token_squarings(bound[:, plan.base].amax(dim=(-3, -1)), theta)
     if int(js.max()) > _kernels.MAX_SQUARINGS:
         return None
-    entry_major = size <= _ENTRY_MAJOR_MAX_BLOCK
+    entry_major = size <= ENTRY_MAJOR_MAX_BLOCK
     layout = "entry" if entry_major else "batch"
     weights, scaled, e = _series_inputs(positions[plan.base], js, bases, sigma, degree)
-    stacked = _stack_axes(scaled)
-    coefficients = _PolyCoefficients.apply(stacked, degree)
+    stacked = stack_axes(scaled)
+    coefficients = PolyCoefficients.apply(stacked, degree)
     series = _SeriesProduct.apply(coefficients, weights, entry_major)
     d_base = _kernels.ray_products_backward(rotations, grad.contiguous(), plan.base, *plan.items)
     d_series = _kernels.squarings_backward(series, js.to(torch.int32), d_base, h, m, layout)
@@ -263,7 +263,7 @@ def bases_vjp(
         d_series.contiguous(), coefficients.shape, weights, entry_major
     )
     d_stacked = _poly_coefficients_backward(d_coef, stacked, coefficients, degree)
-    # undo _stack_axes: (h*m, a*s, s) -> (h, a, m, s, s)
+    # undo stack_axes: (h*m, a*s, s) -> (h, a, m, s, s)
     d_scaled = d_stacked.view(h * m, a, size, size).transpose(0, 1).reshape(a, h, m, size, size)
     d_scaled = d_scaled.transpose(0, 1)
     return (d_scaled * 2.0**-e if e else d_scaled).contiguous()
@@ -274,7 +274,7 @@ def _direct_rotations(
     bases: Tensor,
     sigma: Tensor,
     bound: Tensor,
-    plan: Optional[_RayPlan] = None,
+    plan: Optional[RayPlan] = None,
 ) -> tuple[Tensor, bool]:
     """``lie_rotations``' fast path for every token; ``sigma``: the spectral norms of the
     bases, ``bound``: the per-token, per-block norm bound (both without gradient). With
@@ -289,9 +289,9 @@ def _direct_rotations(
     size = bases.shape[-1]
     h, a, m = bases.shape[:3]
     norm = float(bound.amax()) if bound.numel() else 0.0
-    entry_major = size <= _ENTRY_MAJOR_MAX_BLOCK
+    entry_major = size <= ENTRY_MAJOR_MAX_BLOCK
     batch = positions.shape[:-1]  # (n,) or (b, n)
-    if _uses_polynomial(bases.dtype, a):
+    if uses_polynomial(bases.dtype, a):
         squarings_for(norm, bases.dtype)  # raises on NaN/Inf
         flat_pos = positions.reshape(-1, a)
         count = flat_pos.shape[0]
@@ -300,8 +300,8 @@ def _direct_rotations(
         # [series as a polynomial in the positions]): degree 8 with more squarings was a little
         # faster there but lost accuracy (each squaring doubles the rounding error: 1.8e-5
         # instead of 7.5e-6 off orthogonal on the paper's 14x14 grid)
-        degree, theta = _POLY[bases.dtype]
-        js = _token_squarings(token_bound, theta)
+        degree, theta = POLY[bases.dtype]
+        js = token_squarings(token_bound, theta)
         kernel = (
             _kernels.usable(bases, positions, size=size)
             and (int(js.max()) if js.numel() else 0) <= _kernels.MAX_SQUARINGS
@@ -310,16 +310,16 @@ def _direct_rotations(
         if order is not None:
             flat_pos, js = flat_pos[order], js[order]
         weights, scaled, _ = _series_inputs(flat_pos, js, bases, sigma, degree)
-        coefficients = _poly_coefficients(scaled, degree)  # (hm, s, T*s)
+        coefficients = poly_coefficients(scaled, degree)  # (hm, s, T*s)
         series: Tensor = _SeriesProduct.apply(coefficients, weights, entry_major)
         if kernel:
             layout = "entry" if entry_major else "batch"
             if plan is not None and _kernels.usable(bases, size=size, sizes=_kernels.RAY_SIZES):
-                full: Tensor = _KernelRotations.apply(
+                full: Tensor = KernelRotations.apply(
                     series, js.to(torch.int32), h, m, layout, plan
                 )  # (h, plan.n, m, s, s)
                 return full, True
-            rot: Tensor = _KernelSquarings.apply(
+            rot: Tensor = KernelSquarings.apply(
                 series, js.to(torch.int32), h, m, layout
             )  # (h, N, m, s, s)
         else:
@@ -351,7 +351,7 @@ def _direct_rotations(
         if _kernels.usable(bases, positions, size=size) and squarings <= _kernels.MAX_SQUARINGS:
             taylor: Tensor = _TaylorSeries.apply(gen.reshape(size, size, -1), True)
             js = torch.full((positions.shape[0],), squarings, dtype=torch.int32)
-            kernel_rot: Tensor = _KernelSquarings.apply(taylor, js, h, m, "entry-hnm")
+            kernel_rot: Tensor = KernelSquarings.apply(taylor, js, h, m, "entry-hnm")
             return kernel_rot, False
     out = _exp_by_squaring(gen.reshape(size, size, -1), squarings, True)
     shape = gen.shape[2:]

@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from .token_squarings import _token_squarings_plain
+from .token_squarings import token_squarings_plain
 
 # Note [Taylor scaling and squaring]
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -27,7 +27,7 @@ from .token_squarings import _token_squarings_plain
 # (matrix_exp's backward costs about 8x its forward). lie_rotations with one or two axes
 # replaces the per-token series by one GEMM (Note [series as a polynomial in the positions]).
 # (k powers, chunks, theta): degree k * chunks - 1
-_TAYLOR = {torch.float32: (4, 3, 1.3), torch.float64: (5, 4, 1.0)}
+TAYLOR = {torch.float32: (4, 3, 1.3), torch.float64: (5, 4, 1.0)}
 
 
 def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -39,20 +39,20 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
 # ~~~~~~~~~~~~~~~~~~~~~~~~~~
 # Batched products of many tiny matrices are slow through BLAS: on a 2-core AVX-512 CPU,
 # torch.bmm of 9,408 8x8 matrices runs at about 9 GFLOP/s (most of the time is per-matrix
-# overhead). Blocks up to _ENTRY_MAJOR_MAX_BLOCK are therefore exponentiated "entry-major":
+# overhead). Blocks up to ENTRY_MAJOR_MAX_BLOCK are therefore exponentiated "entry-major":
 # a batch is stored as (s, s, N), each matrix entry a contiguous row over the batch, and a
 # product C = A @ B is s fused multiply-adds over whole rows,
 # C[:, :] += A[:, j, None] * B[None, j, :] (j = 0..s-1): vectorised elementwise work with no
 # per-matrix cost. Transposes are free (swap the first two dims). Larger blocks use bmm.
-_ENTRY_MAJOR_MAX_BLOCK = 8
+ENTRY_MAJOR_MAX_BLOCK = 8
 
 
 # Rows of this many matrices at a time keep the accumulator of an entry-major product in
 # cache (8x8: 4 MB); one pass over a 100 MB accumulator is memory-bound and ~5x slower.
-_ENTRY_MAJOR_CHUNK = 16384
+ENTRY_MAJOR_CHUNK = 16384
 
 
-def _entry_major_mm(
+def entry_major_mm(
     a: Tensor, b: Tensor, out: Optional[Tensor] = None, accumulate: bool = True
 ) -> Tensor:
     """``a @ b`` for entry-major batches ``(s, s, *batch)``, into ``out`` if given (``out +=``
@@ -61,7 +61,7 @@ def _entry_major_mm(
     add = out is not None and accumulate
     if out is None:
         out = a.new_empty(a.shape[0], b.shape[1], *a.shape[2:])
-    chunk = max(1, _ENTRY_MAJOR_CHUNK // max(1, math.prod(a.shape[2:-1])))
+    chunk = max(1, ENTRY_MAJOR_CHUNK // max(1, math.prod(a.shape[2:-1])))
     for lo in range(0, count, chunk):
         hi = min(lo + chunk, count)
         o, a_c, b_c = out[..., lo:hi], a[..., lo:hi], b[..., lo:hi]
@@ -96,7 +96,7 @@ def _taylor_series(x: Tensor, entry_major: bool, keep: bool) -> tuple[list[Tenso
     step is ``T(X)``. With ``keep=False`` only ``[T(X)]`` comes back (intermediates dropped
     as soon as possible)."""
     mm, _, diag = _layout(entry_major)
-    k, chunks, _ = _TAYLOR[x.dtype]
+    k, chunks, _ = TAYLOR[x.dtype]
     powers = [x]
     for _ in range(k - 1):
         powers.append(mm(powers[-1], x))
@@ -146,7 +146,7 @@ class _TaylorSeries(torch.autograd.Function):
         mm, tr, _ = _layout(entry_major)
         saved = ctx.saved_tensors
         x = saved[0]
-        k, chunks, _ = _TAYLOR[x.dtype]
+        k, chunks, _ = TAYLOR[x.dtype]
         if torch.is_grad_enabled():  # create_graph=True: recompute differentiably
             with torch.enable_grad():
                 out = _taylor_autograd(_as_batch_major(x, entry_major), 0)
@@ -259,7 +259,7 @@ def _token_slicer(entry_major: bool) -> Any:
 
 
 def _squarings_plain(t: Tensor, counts: tuple[int, ...], entry_major: bool) -> Tensor:
-    """``_Squarings`` in plain autograd ops (double backward): ``_token_squarings_plain`` with
+    """``_Squarings`` in plain autograd ops (double backward): ``token_squarings_plain`` with
     every (head, block) of a token as one block dim, back in ``t``'s layout."""
     n = t.shape[-1] if entry_major else t.shape[0]
     size = t.shape[0] if entry_major else t.shape[-1]
@@ -268,7 +268,7 @@ def _squarings_plain(t: Tensor, counts: tuple[int, ...], entry_major: bool) -> T
         < torch.tensor(counts, device=t.device).unsqueeze(1)
     ).sum(0)
     blocks = t.numel() // (n * size * size)
-    out = _token_squarings_plain(t, js, 1, blocks, "entry" if entry_major else "batch")[0]
+    out = token_squarings_plain(t, js, 1, blocks, "entry" if entry_major else "batch")[0]
     return (out.permute(2, 3, 1, 0) if entry_major else out).reshape(t.shape)
 
 
@@ -276,7 +276,7 @@ def _layout(entry_major: bool) -> tuple[Any, Any, Any]:
     """(product, transpose, diagonal) for the entry-major ``(s, s, N)`` or batch-major
     ``(N, s, s)`` layout."""
     if entry_major:
-        return _entry_major_mm, (lambda t: t.transpose(0, 1)), (lambda t: t.diagonal(0, 0, 1))
+        return entry_major_mm, (lambda t: t.transpose(0, 1)), (lambda t: t.diagonal(0, 0, 1))
     return _batch_mm, (lambda t: t.mT), (lambda t: t.diagonal(0, -2, -1))
 
 
@@ -288,7 +288,7 @@ def _taylor_autograd(x: Tensor, squarings: int) -> Tensor:
     Shape:
         ``(N, s, s)`` -> ``(N, s, s)``
     """
-    k, chunks, _ = _TAYLOR[x.dtype]
+    k, chunks, _ = TAYLOR[x.dtype]
     powers = [x]
     for _ in range(k - 1):
         powers.append(torch.bmm(powers[-1], x))
@@ -313,17 +313,17 @@ _PS_TABLES = {
     dtype: torch.tensor(
         [[1.0 / math.factorial(c * k + i) for i in range(k)] for c in range(chunks)], dtype=dtype
     )
-    for dtype, (k, chunks, _) in _TAYLOR.items()
+    for dtype, (k, chunks, _) in TAYLOR.items()
 }
 
 
-def _taylor_expm_squared(x: Tensor, squarings: int) -> Tensor:
+def taylor_expm_squared(x: Tensor, squarings: int) -> Tensor:
     """``T(X)^(2^squarings)`` with ``T`` the truncated Taylor series of exp; ``X`` already scaled.
 
     Shape:
         ``(N, s, s)`` -> ``(N, s, s)``
     """
-    if x.shape[-1] <= _ENTRY_MAJOR_MAX_BLOCK:
+    if x.shape[-1] <= ENTRY_MAJOR_MAX_BLOCK:
         return _exp_by_squaring(x.permute(1, 2, 0).contiguous(), squarings, True).permute(2, 0, 1)
     return _exp_by_squaring(x.contiguous(), squarings, False)
 

@@ -24,7 +24,7 @@ from liere import kernels as _kernels
 # they are laid out as (h, n, m, s, s), where each token's blocks are one contiguous row.
 
 
-def _spectral_norms(blocks: Tensor) -> Tensor:
+def spectral_norms(blocks: Tensor) -> Tensor:
     """``||B||_2`` of a batch of square blocks: the largest eigenvalue of ``B^T B`` (half the
     cost of an SVD here).
 
@@ -34,7 +34,7 @@ def _spectral_norms(blocks: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(blocks.mT @ blocks)[..., -1].clamp_min(0).sqrt()
 
 
-def _token_squarings(bound: Tensor, theta: float) -> Tensor:
+def token_squarings(bound: Tensor, theta: float) -> Tensor:
     """Squarings ``j_n = ceil(log2(bound_n / theta))`` (0 when ``bound_n <= theta``) per token
     (Note [per-token squarings]).
 
@@ -59,7 +59,7 @@ def _squaring_levels(js: Tensor) -> tuple[tuple[int, ...], Optional[Tensor]]:
     return counts, torch.argsort(js, descending=True, stable=True)
 
 
-class _KernelSquarings(torch.autograd.Function):
+class KernelSquarings(torch.autograd.Function):
     """``R[h, n, m] = T[h, m, n]^(2^j_n)`` by the compiled kernel (Note [compiled kernels] in
     ``liere.kernels``): no sorting, nothing saved but ``T`` and ``j``. ``layout`` is the
     series' layout (``_kernels.LAYOUTS``)."""
@@ -76,15 +76,15 @@ class _KernelSquarings(torch.autograd.Function):
         h, m, layout = ctx.layout
         if torch.is_grad_enabled():  # create_graph=True: recompute differentiably
             with torch.enable_grad():
-                out = _token_squarings_plain(series, js, h, m, layout)
+                out = token_squarings_plain(series, js, h, m, layout)
                 (d_series,) = torch.autograd.grad(out, series, grad, create_graph=True)
             return d_series, None, None, None, None
         d_series = _kernels.squarings_backward(series, js, grad.contiguous(), h, m, layout)
         return d_series, None, None, None, None
 
 
-def _token_squarings_plain(series: Tensor, js: Tensor, h: int, m: int, layout: str) -> Tensor:
-    """``_KernelSquarings`` in plain autograd ops (the reference; double backward).
+def token_squarings_plain(series: Tensor, js: Tensor, h: int, m: int, layout: str) -> Tensor:
+    """``KernelSquarings`` in plain autograd ops (the reference; double backward).
 
     Shape:
         series in ``layout`` (``_kernels.LAYOUTS``); js ``(N,)`` -> ``(h, N, m, s, s)``

@@ -1,0 +1,94 @@
+"""Time liere's registered operators against the eager path they stand in for.
+
+What a compiled graph runs for LieRE at ViT-S/16 shapes (CLS + 14x14 tokens, 6 heads of 64,
+8x8 blocks per head, batch 8): the rotations' and the application's forward and backward
+operators, each against the eager path's forward + backward (autograd Functions). Cases are
+interleaved, rounds repeated, medians reported.
+
+    python benchmarks/bench_ops.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from liere import LieRE, grid_positions
+from liere import functional as F
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--block", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=31)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout.strip()
+    print(
+        f"Command: python benchmarks/bench_ops.py --threads {args.threads} --batch {args.batch} "
+        f"--block {args.block} --rounds {args.rounds}; commit {commit}; torch "
+        f"{torch.__version__}; seed 0"
+    )
+    ops = torch.ops.liere
+    enc = LieRE(64, 2, num_heads=6, block_size=args.block)
+    positions = grid_positions(14, 14)
+    bases = enc.bases().detach()
+    rot = F.lie_rotations(positions, bases)
+    grad_rot = torch.randn_like(rot)
+    q, k = torch.randn(2, args.batch, 6, 197, 64).unbind(0)
+    gq, gk = torch.randn_like(q), torch.randn_like(k)
+
+    def eager_rotations() -> None:
+        leaf = bases.clone().requires_grad_()
+        torch.autograd.grad(F.lie_rotations(positions, leaf), leaf, grad_rot)
+
+    def eager_application() -> None:
+        leaves = [t.clone().requires_grad_() for t in (q, k, rot)]
+        outs = F.apply_blockwise_pair(*leaves, num_prefix_tokens=1)
+        torch.autograd.grad(outs, leaves, (gq, gk))
+
+    backward_args: tuple[object, ...] = (grad_rot, positions, bases, rot, 1024.0, True, False)
+    if len(ops.lie_rotations_backward.default._schema.arguments) == 6:
+        backward_args = (grad_rot, positions, bases, 1024.0, True, False)  # before c2ebbab
+    cases: dict[str, Callable[[], object]] = {
+        "rotations: eager forward + backward": eager_rotations,
+        "rotations: forward operator": lambda: ops.lie_rotations(positions, bases, 1024.0, True),
+        "rotations: backward operator": lambda: ops.lie_rotations_backward(*backward_args),
+        "application: eager forward + backward": eager_application,
+        "application: forward operator": lambda: ops.apply_blockwise_pair(q, k, rot, 1),
+        "application: backward operator": lambda: ops.apply_blockwise_pair_backward(
+            gq, gk, q, k, rot, 1
+        ),
+    }
+    for fn in cases.values():
+        fn(), fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    order = list(cases)
+    shuffle = random.Random(0)
+    for _ in range(args.rounds):
+        shuffle.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            cases[name]()
+            times[name].append(time.perf_counter() - start)
+    for name in cases:
+        print(f"{name:<40} {statistics.median(times[name]) * 1e3:8.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
