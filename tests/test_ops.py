@@ -436,7 +436,6 @@ def test_rotations_backward_op_equals_autograd(name, kernels_on, monkeypatch):
 def test_pair_backward_op_equals_autograd(prefix, shared_heads, kernels_on, monkeypatch):
     from conftest import kernels_unusable
 
-    from liere import functional as F
     from liere import kernels
 
     if not kernels_on:
@@ -444,8 +443,14 @@ def test_pair_backward_op_equals_autograd(prefix, shared_heads, kernels_on, monk
     rot = OPS.lie_rotations(
         grid_positions(4, 4), _bases(8, heads=1 if shared_heads else 2), None, True
     )
-    q, k = randn(3, 2, prefix + 16, 16, seed=1), randn(3, 2, prefix + 16, 16, seed=2)
-    gq, gk = randn(*q.shape, seed=3), randn(*k.shape, seed=4)
+    _assert_pair_backward_op_is_autograd(rot, batch=3, tokens=16, prefix=prefix)
+
+
+def _assert_pair_backward_op_is_autograd(rot, batch, tokens, prefix):
+    from liere import functional as F
+
+    q, k = (randn(batch, 2, prefix + tokens, 16, seed=s) for s in (3, 4))
+    gq, gk = (randn(batch, 2, prefix + tokens, 16, seed=s) for s in (5, 6))
     leaves = [t.clone().requires_grad_() for t in (q, k, rot)]
     outs = F.apply_blockwise_pair(*leaves, num_prefix_tokens=prefix)
     expected = torch.autograd.grad(outs, leaves, (gq, gk))
@@ -474,11 +479,4 @@ def test_application_backward_ops_equal_autograd_on_every_layout(layout):
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     prefix = 0 if layout == "few tokens" else 1
-    q, k = (randn(2, 2, prefix + tokens, 16, seed=s) for s in (3, 4))
-    gq, gk = (randn(2, 2, prefix + tokens, 16, seed=s) for s in (5, 6))
-    leaves = [t.clone().requires_grad_() for t in (q, k, rot)]
-    outs = F.apply_blockwise_pair(*leaves, num_prefix_tokens=prefix)
-    expected = torch.autograd.grad(outs, leaves, (gq, gk))
-    got = OPS.apply_blockwise_pair_backward(gq, gk, q, k, rot, prefix)
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    _assert_pair_backward_op_is_autograd(rot, batch=2, tokens=tokens, prefix=prefix)

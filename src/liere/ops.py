@@ -220,18 +220,11 @@ def _lie_rotations_backward(
             grad_p = positions.new_zeros(positions.shape)
         return grad_p.contiguous(), grad_b.contiguous()
 
-    def vjp() -> tuple[Optional[Tensor], ...]:
+    def vjp() -> tuple[Optional[Tensor], ...]:  # the CPU fast path's other cases
         p = positions.detach().requires_grad_(positions_grad)
         b = bases.detach().requires_grad_(True)
-        rot = _full_precision(
-            F.lie_rotations,
-            p,
-            b,
-            reorthogonalize_above=reorthogonalize_above,
-            check_finite=check_finite,
-        )
         inputs = (p, b) if positions_grad else (b,)
-        return torch.autograd.grad(rot, inputs, grad, allow_unused=True)
+        return torch.autograd.grad(rotations_of(p, b), inputs, grad, allow_unused=True)
 
     grads = _with_autograd(vjp)
     grad_b = grads[-1] if grads[-1] is not None else bases.new_zeros(bases.shape)
