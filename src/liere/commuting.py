@@ -34,7 +34,6 @@ from .encodings import (
     _as_dtype,
     _check_positive_int,
     _device_of,
-    _generic_path_checks,
     _rope_generators,
 )
 from .precision import exact_dtype
@@ -177,9 +176,6 @@ class ComRoPE(BlockRotaryEncoding):
             reorthogonalize_above=self.reorthogonalize_above,
             check_finite=self.check_finite,
         )
-
-    def _rotations_check_finite(self, positions: Tensor) -> bool:
-        return _generic_path_checks(self, positions)
 
     def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
         saved = state_dict.get(prefix + "weight")

@@ -469,17 +469,6 @@ class RotaryEncoding(nn.Module):
         return positions
 
 
-def _generic_path_checks(encoding: Any, positions: Tensor) -> bool:
-    """True when ``encoding`` (LieRE or ComRoPE) takes the device-generic exponential, whose
-    one host read raises on NaN/Inf positions (Note [sync-free rotations])."""
-    return (
-        positions.device.type != "cpu"
-        and encoding.exp_method == "auto"
-        and encoding.block_size > 2
-        and encoding._frozen is None
-    )
-
-
 def _rope_generators(freqs: Tensor) -> Tensor:
     """Dense generators of pairwise RoPE: pair k of axis a is ``[[0, -f], [f, 0]]``.
 
@@ -697,6 +686,17 @@ class BlockRotaryEncoding(RotaryEncoding):
     """
 
     block_size: int
+    exp_method: str  # "auto" (the fast path) or "matrix_exp" (the reference)
+
+    def _rotations_check_finite(self, positions: Tensor) -> bool:
+        # off the CPU the device-generic exponential's one host read raises on NaN/Inf
+        # positions (Note [sync-free rotations]); 2x2 blocks run on the RoPE path instead
+        return (
+            positions.device.type != "cpu"
+            and self.exp_method == "auto"
+            and self.block_size > 2
+            and self._frozen is None
+        )
 
     def bases(self) -> Tensor:  # pragma: no cover - abstract
         """The skew-symmetric blocks of every generator.
@@ -851,9 +851,6 @@ class LieRE(BlockRotaryEncoding):
             reorthogonalize_above=self.reorthogonalize_above,
             check_finite=self.check_finite,
         )
-
-    def _rotations_check_finite(self, positions: Tensor) -> bool:
-        return _generic_path_checks(self, positions)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> RotaryEncoding:
         out = super()._apply(fn, *args, **kwargs)
