@@ -1,9 +1,9 @@
 """Time liere's registered operators against the eager path they stand in for.
 
 What a compiled graph runs for LieRE at ViT-S/16 shapes (CLS + 14x14 tokens, 6 heads of 64,
-8x8 blocks per head, batch 8): the rotations' and the application's forward and backward
-operators, each against the eager path's forward + backward (autograd Functions). Cases are
-interleaved, rounds repeated, medians reported.
+8x8 blocks per head, batch 8; ``--grid 4 14 14`` for a clip): the rotations' and the
+application's forward and backward operators, each against the eager path's forward +
+backward (autograd Functions). Cases are interleaved, rounds repeated, medians reported.
 
     python benchmarks/bench_ops.py --threads 2
 """
@@ -30,6 +30,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--block", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=31)
+    parser.add_argument(
+        "--grid", type=int, nargs="+", default=[14, 14], help="patches per axis (3 for video)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -41,16 +44,18 @@ def main() -> None:
     ).stdout.strip()
     print(
         f"Command: python benchmarks/bench_ops.py --threads {args.threads} --batch {args.batch} "
-        f"--block {args.block} --rounds {args.rounds}; commit {commit}; torch "
+        f"--block {args.block} --rounds {args.rounds} --grid {' '.join(map(str, args.grid))}; "
+        f"commit {commit}; torch "
         f"{torch.__version__}; seed 0"
     )
     ops = torch.ops.liere
-    enc = LieRE(64, 2, num_heads=6, block_size=args.block)
-    positions = grid_positions(14, 14)
+    enc = LieRE(64, len(args.grid), num_heads=6, block_size=args.block)
+    positions = grid_positions(*args.grid)
+    tokens = positions.shape[0]
     bases = enc.bases().detach()
     rot = F.lie_rotations(positions, bases)
     grad_rot = torch.randn_like(rot)
-    q, k = torch.randn(2, args.batch, 6, 197, 64).unbind(0)
+    q, k = torch.randn(2, args.batch, 6, tokens + 1, 64).unbind(0)
     gq, gk = torch.randn_like(q), torch.randn_like(k)
 
     def eager_rotations() -> None:

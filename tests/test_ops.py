@@ -371,13 +371,16 @@ def test_complex_rope_pair_matches_the_definition_with_prefix_tokens(prefix):
 # -- the backward operators' direct paths --------------------------------------------------
 
 _BACKWARD_CASES = {
-    # name: (block, axes, positions, dtype); the first four run the hand-written backwards
-    # directly (bases_vjp), the rest differentiate a recompute
+    # name: (block, axes, positions, dtype); the test names those that run the hand-written
+    # backwards directly (bases_vjp); the rest differentiate a recompute
     "8x8 grid": (8, 2, lambda: grid_positions(14, 14), torch.float32),
     "dense": (16, 2, lambda: grid_positions(9, 9) * 2, torch.float32),
     "float64": (8, 2, lambda: grid_positions(9, 9).double() * 3, torch.float64),
     "one axis": (4, 1, lambda: torch.arange(30.0).unsqueeze(-1) / 4, torch.float32),
     "three axes": (8, 3, lambda: grid_positions(3, 4, 4), torch.float32),
+    "off the lattice": (8, 2, lambda: randn(40, 2, seed=9), torch.float32),
+    "three axes, off the lattice": (4, 3, lambda: randn(40, 3, seed=9), torch.float32),
+    "three axes, dense": (16, 3, lambda: grid_positions(3, 4, 4), torch.float32),
     "per sample": (8, 2, lambda: torch.stack([grid_positions(4, 4)] * 2) * 2, torch.float32),
     "few tokens": (8, 2, lambda: grid_positions(2, 2), torch.float32),
     "re-orthogonalised": (8, 2, lambda: grid_positions(6, 6) * 400, torch.float32),
@@ -414,17 +417,11 @@ def test_rotations_backward_op_equals_autograd(name, kernels_on, monkeypatch):
     assert torch.equal(grad_p, torch.zeros_like(positions))
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(grad_b, expected, atol=tol * max(1.0, expected.abs().max()), rtol=0)
-    takes_direct = (
-        kernels_on
-        and kernels.available()
-        and name
-        in (
-            "8x8 grid",
-            "dense",
-            "float64",
-            "one axis",
-        )
-    )
+    direct_cases = {
+        "8x8 grid", "dense", "float64", "one axis", "three axes", "off the lattice",
+        "three axes, off the lattice",
+    }  # fmt: skip
+    takes_direct = kernels_on and kernels.available() and name in direct_cases
     assert (direct is not None) == takes_direct
     if direct is not None:
         torch.testing.assert_close(direct, expected, atol=0, rtol=0)

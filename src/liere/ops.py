@@ -24,11 +24,12 @@ op                                     computes
 The backward ops compute their vector-Jacobian products without a recompute where the fast
 path's hand-written backwards cover the case: ``liere::apply_blockwise_pair_backward`` runs
 ``blockwise_pair_backward`` (the compiled kernel or two batched products), and
-``liere::lie_rotations_backward`` runs ``bases_vjp`` when only the bases need a gradient on
-the common CPU path (shared positions, one or two axes, the kernels): it takes the forward's
-output, recomputes the series' inputs and the series (one GEMM) and runs the kernels'
-backwards, never the squarings forward. Measured at ViT-S/16, batch 8: the rotations'
-backward operator went from 19 ms (always a recompute) to 7 ms (``docs/performance.md``).
+``liere::lie_rotations_backward`` runs ``bases_vjp`` when only the bases need a gradient and
+the CPU fast path ran on its kernels (shared positions; one or two axes, or three with blocks
+up to 8x8): it takes the forward's output, recomputes the series and runs the kernels'
+backwards and the series', never the squarings or products forward. Measured at ViT-S/16,
+batch 8: the rotations' backward operator went from 18 ms (always a recompute) to 7 ms
+(``benchmarks/bench_ops.py``, ``docs/performance.md``).
 
 Elsewhere they differentiate a recompute. An op's implementation runs below the autograd
 dispatch key, where ``torch.autograd`` records nothing. ``torch.func.vjp`` does its own
@@ -36,7 +37,7 @@ bookkeeping and works there, on the caller's thread and stream, through plain op
 blockwise applications and, off the CPU, the device-generic exponential (Note [sync-free
 rotations]). The CPU fast path's autograd Functions hand pointers to the kernels, which
 ``torch.func``'s wrapped tensors do not have, so its remaining cases (position gradients,
-three axes, few tokens, per-sample positions, re-orthogonalised blocks) recompute under
+few tokens, per-sample positions, re-orthogonalised blocks, the kernels off) recompute under
 autograd on a worker thread (``_with_autograd``; one per process, started on first use;
 autocast and inference mode are thread-local and off there, as the ops want; the caller
 waits). The backward ops have no autograd formula of their own: double backward runs in

@@ -44,7 +44,9 @@ from .taylor import (
     _exp_by_squaring,
     _Squarings,
     _taylor_autograd,
+    _taylor_series,
     _TaylorSeries,
+    taylor_series_backward,
 )
 from .token_squarings import (
     KernelSquarings,
@@ -210,13 +212,14 @@ def bases_vjp(
     """The gradient of ``rotations = lie_rotations(positions, bases)`` with respect to the
     bases, computed without autograd from the forward's output, for the registered backward
     operator (whose implementation cannot record an autograd graph: Note [registered
-    operators] in ``liere.ops``). It recomputes the series' inputs and the series (cheap:
-    one GEMM) and runs the hand-written backwards of ``KernelRotations``, ``_SeriesProduct``
-    and ``PolyCoefficients`` in turn, never the squarings or products forward.
+    operators] in ``liere.ops``). It recomputes the series (one GEMM of the position
+    polynomial, or Paterson-Stockmeyer with three axes) and runs the hand-written backwards
+    in turn: products along rays, squarings, series, coefficients. The squarings and products
+    are never run forward again.
 
-    Covers the fast path's common case: shared CPU positions with one or two axes, more than
-    ``FEW_TOKENS`` tokens, the compiled kernels with products along rays, nothing
-    re-orthogonalised. Anything else returns ``None`` (the caller differentiates a recompute).
+    Covers the fast path whenever it runs on the compiled kernels: shared CPU positions, more
+    than ``FEW_TOKENS`` tokens, nothing re-orthogonalised; one or two axes, or three with
+    blocks up to 8x8. Anything else returns ``None`` (the caller differentiates a recompute).
 
     Shape:
         grad, rotations ``(h, n, m, s, s)``; positions ``(n, a)``; bases ``(h, a, m, s, s)``
@@ -224,15 +227,15 @@ def bases_vjp(
     """
     size = bases.shape[-1]
     h, a, m = bases.shape[:3]
+    poly = uses_polynomial(bases.dtype, a)
     if (
         positions.dim() != 2
         or positions.shape[0] <= FEW_TOKENS
         or size <= 2
         or positions.dtype != bases.dtype
         or rotations.dtype != bases.dtype
-        or not uses_polynomial(bases.dtype, a)
+        or not (poly or size <= ENTRY_MAJOR_MAX_BLOCK)
         or not _kernels.usable(bases, positions, rotations, size=size)
-        or not _kernels.usable(bases, size=size, sizes=_kernels.RAY_SIZES)
     ):
         return None
     sigma = spectral_norms(bases)
@@ -243,22 +246,42 @@ def bases_vjp(
     if bases.dtype == torch.float32 and reorthogonalize_above is not None:
         if norm > reorthogonalize_above:
             return None
-    degree, theta = POLY[bases.dtype]
     # the same plan and squaring counts as the forward (``_fast_rotations``)
+    theta = POLY[bases.dtype][1] if poly else TAYLOR[bases.dtype][2]
     plan = _rays.ray_plan(positions, token_squarings(bound.amax(dim=(-3, -1)), theta))
     if plan is None:
+        d_direct, direct_positions, direct_bound = grad.contiguous(), positions, bound
+    elif _kernels.usable(bases, size=size, sizes=_kernels.RAY_SIZES):
+        d_direct = _kernels.ray_products_backward(
+            rotations, grad.contiguous(), plan.base, *plan.items
+        )
+        direct_positions, direct_bound = positions[plan.base], bound[:, plan.base]
+    else:
         return None
-    js = token_squarings(bound[:, plan.base].amax(dim=(-3, -1)), theta)
+    if poly:
+        return _polynomial_bases_vjp(d_direct, direct_positions, direct_bound, bases, sigma)
+    return _taylor_bases_vjp(d_direct, direct_positions, direct_bound, bases)
+
+
+def _polynomial_bases_vjp(
+    grad: Tensor, positions: Tensor, bound: Tensor, bases: Tensor, sigma: Tensor
+) -> Optional[Tensor]:
+    """``bases_vjp`` for the directly computed tokens with one or two axes: squarings, series
+    product and coefficient recursion backwards (Note [series as a polynomial in the
+    positions])."""
+    size = bases.shape[-1]
+    h, a, m = bases.shape[:3]
+    degree, theta = POLY[bases.dtype]
+    js = token_squarings(bound.amax(dim=(-3, -1)), theta)
     if int(js.max()) > _kernels.MAX_SQUARINGS:
         return None
     entry_major = size <= ENTRY_MAJOR_MAX_BLOCK
     layout = "entry" if entry_major else "batch"
-    weights, scaled, e = _series_inputs(positions[plan.base], js, bases, sigma, degree)
+    weights, scaled, e = _series_inputs(positions, js, bases, sigma, degree)
     stacked = stack_axes(scaled)
     coefficients = PolyCoefficients.apply(stacked, degree)
     series = _SeriesProduct.apply(coefficients, weights, entry_major)
-    d_base = _kernels.ray_products_backward(rotations, grad.contiguous(), plan.base, *plan.items)
-    d_series = _kernels.squarings_backward(series, js.to(torch.int32), d_base, h, m, layout)
+    d_series = _kernels.squarings_backward(series, js.to(torch.int32), grad, h, m, layout)
     d_coef = _series_product_coefficients_grad(
         d_series.contiguous(), coefficients.shape, weights, entry_major
     )
@@ -267,6 +290,29 @@ def bases_vjp(
     d_scaled = d_stacked.view(h * m, a, size, size).transpose(0, 1).reshape(a, h, m, size, size)
     d_scaled = d_scaled.transpose(0, 1)
     return (d_scaled * 2.0**-e if e else d_scaled).contiguous()
+
+
+def _taylor_bases_vjp(
+    grad: Tensor, positions: Tensor, bound: Tensor, bases: Tensor
+) -> Optional[Tensor]:
+    """``bases_vjp`` for the directly computed tokens with three or more axes and blocks up
+    to 8x8: one squaring count for all (Note [Taylor scaling and squaring]), generators built
+    entry-major (Note [small-block layout]); squarings, then series backward."""
+    size = bases.shape[-1]
+    h, m = bases.shape[0], bases.shape[2]
+    squarings = squarings_for(float(bound.amax()), bases.dtype)
+    if squarings > _kernels.MAX_SQUARINGS:
+        return None
+    scaled = bases * (2.0**-squarings) if squarings else bases
+    gen = torch.matmul(positions, scaled.permute(3, 4, 0, 1, 2))  # (s, s, h, n, m)
+    powers, horner = _taylor_series(gen.reshape(size, size, -1), True, True)
+    count = positions.shape[0]
+    js = torch.full((count,), squarings, dtype=torch.int32)
+    d_series = _kernels.squarings_backward(horner[-1], js, grad, h, m, "entry-hnm")
+    d_gen = taylor_series_backward(d_series, (*powers, *horner[:-1]), True)
+    d_entries = torch.matmul(positions.mT, d_gen.view(size, size, h, count, m))  # (s, s, h, a, m)
+    d_scaled = d_entries.permute(2, 3, 4, 0, 1)
+    return (d_scaled * 2.0**-squarings if squarings else d_scaled).contiguous()
 
 
 def _direct_rotations(

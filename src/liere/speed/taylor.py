@@ -143,41 +143,49 @@ class _TaylorSeries(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None]:
         entry_major = ctx.entry_major
-        mm, tr, _ = _layout(entry_major)
         saved = ctx.saved_tensors
         x = saved[0]
-        k, chunks, _ = TAYLOR[x.dtype]
         if torch.is_grad_enabled():  # create_graph=True: recompute differentiably
             with torch.enable_grad():
                 out = _taylor_autograd(_as_batch_major(x, entry_major), 0)
                 out = out.permute(1, 2, 0) if entry_major else out
                 (d_x,) = torch.autograd.grad(out, x, grad, create_graph=True)
             return d_x, None
-        powers, horner = saved[:k], saved[k:]
-        # H_r = B_{chunks-1-r} + H_{r-1} @ X^k;  B_c = I/(ck)! + sum_{i<k} X^i/(ck+i)!
-        d_powers: list[Optional[Tensor]] = [None] * k
+        return taylor_series_backward(grad, saved, entry_major), None
 
-        def add_block_grad(c: int, d_block: Tensor) -> None:
-            for i in range(1, k):
-                coef = 1.0 / math.factorial(c * k + i)
-                acc = d_powers[i - 1]
-                d_powers[i - 1] = d_block * coef if acc is None else acc.add_(d_block, alpha=coef)
 
-        g = grad.contiguous()
-        for r in reversed(range(1, chunks)):
-            add_block_grad(chunks - 1 - r, g)
-            d_powers[k - 1] = mm(tr(horner[r - 1]), g, out=d_powers[k - 1])
-            g = mm(g, tr(powers[-1]))
-        add_block_grad(chunks - 1, g)
-        # X^(i+1) = X^i @ X
-        d_x = d_powers[0]
-        assert d_x is not None
-        for i in reversed(range(1, k)):
-            d_next = d_powers[i]
-            if d_next is not None:  # d_powers[0] is d_x
-                mm(tr(powers[i - 1]), d_next, out=d_x)
-                mm(d_next, tr(x), out=d_powers[i - 1])
-        return d_x, None
+def taylor_series_backward(grad: Tensor, saved: tuple[Tensor, ...], entry_major: bool) -> Tensor:
+    """``_TaylorSeries``' vector-Jacobian product, first order, no autograd. ``saved``: the
+    powers ``X..X^k`` and every Horner step but the last, as ``_taylor_series(x, entry_major,
+    keep=True)`` returns them (``(*powers, *horner[:-1])``)."""
+    mm, tr, _ = _layout(entry_major)
+    x = saved[0]
+    k, chunks, _ = TAYLOR[x.dtype]
+    powers, horner = saved[:k], saved[k:]
+    # H_r = B_{chunks-1-r} + H_{r-1} @ X^k;  B_c = I/(ck)! + sum_{i<k} X^i/(ck+i)!
+    d_powers: list[Optional[Tensor]] = [None] * k
+
+    def add_block_grad(c: int, d_block: Tensor) -> None:
+        for i in range(1, k):
+            coef = 1.0 / math.factorial(c * k + i)
+            acc = d_powers[i - 1]
+            d_powers[i - 1] = d_block * coef if acc is None else acc.add_(d_block, alpha=coef)
+
+    g = grad.contiguous()
+    for r in reversed(range(1, chunks)):
+        add_block_grad(chunks - 1 - r, g)
+        d_powers[k - 1] = mm(tr(horner[r - 1]), g, out=d_powers[k - 1])
+        g = mm(g, tr(powers[-1]))
+    add_block_grad(chunks - 1, g)
+    # X^(i+1) = X^i @ X
+    d_x = d_powers[0]
+    assert d_x is not None
+    for i in reversed(range(1, k)):
+        d_next = d_powers[i]
+        if d_next is not None:  # d_powers[0] is d_x
+            mm(tr(powers[i - 1]), d_next, out=d_x)
+            mm(d_next, tr(x), out=d_powers[i - 1])
+    return d_x
 
 
 class _Squarings(torch.autograd.Function):
