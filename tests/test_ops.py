@@ -477,3 +477,35 @@ def test_application_backward_ops_equal_autograd_on_every_layout(layout):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     prefix = 0 if layout == "few tokens" else 1
     _assert_pair_backward_op_is_autograd(rot, batch=2, tokens=tokens, prefix=prefix)
+
+
+def test_operators_ignore_the_callers_autocast():
+    # a compiled graph calls the operators in the caller's autocast state: they turn it off
+    positions, bases = grid_positions(4, 4) * 2, _bases(8)
+    rot = OPS.lie_rotations(positions, bases, 1024.0, True)
+    grad = randn(*rot.shape, seed=3)
+    q, k = randn(2, 2, 17, 16, seed=1), randn(2, 2, 17, 16, seed=2)
+    calls = {
+        "rotations": lambda: OPS.lie_rotations(positions, bases, 1024.0, True),
+        "rotations' backward, direct": lambda: OPS.lie_rotations_backward(
+            grad, positions, bases, rot, 1024.0, True, False
+        ),
+        "rotations' backward, recomputed": lambda: OPS.lie_rotations_backward(
+            grad, positions, bases, rot, 1024.0, True, True
+        ),
+        "pair": lambda: OPS.apply_blockwise_pair(q, k, rot, 1),
+        "pair's backward": lambda: OPS.apply_blockwise_pair_backward(q, k, q, k, rot, 1),
+        "application": lambda: OPS.apply_blockwise(q[:, :, 1:], rot),
+        "application's backward": lambda: OPS.apply_blockwise_backward(
+            q[:, :, 1:], k[:, :, 1:], rot
+        ),
+    }
+    for name, call in calls.items():
+        plain = call()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            under = call()
+        for a, b in zip(
+            torch.utils._pytree.tree_leaves(plain), torch.utils._pytree.tree_leaves(under)
+        ):
+            assert a.dtype == torch.float32, name
+            torch.testing.assert_close(b, a, atol=0, rtol=0, msg=name)
