@@ -414,3 +414,41 @@ def test_a_failed_scratch_allocation_raises(monkeypatch):
     series, js = _series()
     with pytest.raises(MemoryError, match="could not allocate its scratch memory"):
         K.squarings_forward(series, js, 2, 2, "batch")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("axes", [1, 2])
+@pytest.mark.parametrize("size", K.POLY_SIZES)
+def test_polynomial_coefficient_kernel_matches_the_pytorch_recursion(size, axes, dtype):
+    torch.manual_seed(size + axes)
+    bases = LieRE(2 * size, axes, num_heads=3, block_size=size, dtype=dtype).bases().detach()
+    stacked = polynomial.stack_axes(bases)
+    degree = polynomial.POLY[dtype][0]
+    expected = polynomial.poly_coefficients_plain(stacked, degree)
+    out = K.poly_coefficients_forward(stacked, degree)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out, expected, atol=64 * eps * expected.abs().max(), rtol=0)
+    grad = randn(*out.shape, seed=3, dtype=dtype)
+    leaf = stacked.clone().requires_grad_()
+    (d_expected,) = torch.autograd.grad(
+        polynomial.poly_coefficients_plain(leaf, degree), leaf, grad
+    )
+    d_out = K.poly_coefficients_backward(grad, stacked, out, degree)
+    torch.testing.assert_close(d_out, d_expected, atol=64 * eps * d_expected.abs().max(), rtol=0)
+
+
+@needs_kernels
+def test_polynomial_coefficient_arguments_are_checked():
+    stacked = polynomial.stack_axes(LieRE(16, 2, num_heads=2, block_size=8).bases().detach())
+    out = K.poly_coefficients_forward(stacked, 5)  # fine
+    with pytest.raises(ValueError, match="degree must be an integer in"):
+        K.poly_coefficients_forward(stacked, K.MAX_POLY_DEGREE + 1)
+    with pytest.raises(ValueError, match=r"with a in \(1, 2\)"):
+        K.poly_coefficients_forward(torch.zeros(4, 24, 8), 5)
+    with pytest.raises(ValueError, match="stacked must be contiguous"):
+        K.poly_coefficients_forward(stacked.transpose(-1, -2), 5)
+    with pytest.raises(ValueError, match="out must have shape"):
+        K.poly_coefficients_backward(out, stacked, out[:, :, :8], 5)
+    with pytest.raises(ValueError, match="grad must be torch.float32"):
+        K.poly_coefficients_backward(out.double(), stacked, out, 5)

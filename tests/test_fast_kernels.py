@@ -230,7 +230,7 @@ def test_polynomial_series_equals_the_taylor_series(axes):
 
 
 @pytest.mark.parametrize("axes", [1, 2])
-def test_coefficient_recursion_backward_matches_autograd(axes):
+def test_coefficient_recursion_backward_matches_autograd(axes, both_paths):
     # PolyCoefficients' hand-written backward against autograd through the plain recursion
     bases = skew(2 * axes * 2, 3, 0.7, seed=5 + axes).view(2, axes, 2, 3, 3)
     stacked = polynomial.stack_axes(bases).requires_grad_(True)

@@ -101,6 +101,11 @@ APPLY_SIZES = (4, 8, 16, 32, 64)
 MAX_SQUARINGS = 24
 # block sizes of the compiled products along rays
 RAY_SIZES = (4, 8, 16, 32, 64)
+# block sizes of the compiled polynomial coefficients (larger blocks: PyTorch's batched
+# products, which MKL runs faster than this kernel's plain loops)
+POLY_SIZES = (4, 8)
+# the highest degree of the position polynomial (float64's series: 24)
+MAX_POLY_DEGREE = 24
 # matrices per vector batch in the squarings (16 floats fill an AVX-512 register)
 _LANES = 16
 
@@ -140,6 +145,10 @@ _SQUARINGS_LARGE = _read_source("squarings_large.c.in")
 # The blockwise application, one instance per (real type, block size S).
 _APPLY = _read_source("apply.c.in")
 
+# The position polynomial's coefficients and their backward (Note [series as a polynomial in
+# the positions] in liere/speed/polynomial.py).
+_POLY_SOURCE = _read_source("poly.c.in")
+
 _REALS = {torch.float32: ("float", "f32"), torch.float64: ("double", "f64")}
 _INTS = {"float": "int32_t", "double": "int64_t"}
 _REALS_BY_NAME = {"float": "f32", "double": "f64"}
@@ -171,6 +180,7 @@ def _source() -> str:
         parts += [_instance(large, real, size) for size in SIZES if size > 16]
         parts += [_instance(_RAYS, real, size) for size in RAY_SIZES]
         parts += [_instance(_APPLY, real, size) for size in APPLY_SIZES]
+        parts += [_instance(_POLY_SOURCE, real, size) for size in POLY_SIZES]
     return "\n".join(parts)
 
 
@@ -413,6 +423,8 @@ def _fn(kind: str, dtype: torch.dtype, size: int) -> ctypes._CFuncPtr:  # type: 
             fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i, i]
         elif kind == "rays":
             fn.argtypes = [p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i]
+        elif kind == "poly":
+            fn.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i, i]
         else:
             fn.argtypes = [p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i, i]
         fn.restype = ctypes.c_int  # nonzero: a scratch allocation failed
@@ -670,3 +682,68 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _poly_offsets(degree: int, axes: int) -> list[int]:
+    """Column-block offset of each degree's coefficients (``k + 1`` blocks per degree for two
+    axes, one for one axis); the last entry is the number of monomials ``T``."""
+    offsets = [0]
+    for k in range(degree + 1):
+        offsets.append(offsets[-1] + (k + 1 if axes == 2 else 1))
+    return offsets
+
+
+def _check_poly(stacked: Tensor, degree: int) -> tuple[int, int, int, list[int]]:
+    if not isinstance(stacked, Tensor) or stacked.dim() != 3:
+        _fail(f"stacked must be (blocks, axes * s, s); got {getattr(stacked, 'shape', stacked)}.")
+    hm, rows, s = stacked.shape
+    _check_real("stacked", stacked, stacked.dtype)
+    if s not in POLY_SIZES or rows not in (s, 2 * s):
+        _fail(f"stacked must be (blocks, a * s, s) with a in (1, 2), s in {POLY_SIZES}; got "
+              f"{tuple(stacked.shape)}.")  # fmt: skip
+    if (
+        isinstance(degree, bool)
+        or not isinstance(degree, int)
+        or not 0 <= degree <= MAX_POLY_DEGREE
+    ):
+        _fail(f"degree must be an integer in [0, {MAX_POLY_DEGREE}]; got {degree!r}.")
+    axes = rows // s
+    return hm, axes, s, _poly_offsets(degree, axes)
+
+
+def poly_coefficients_forward(stacked: Tensor, degree: int) -> Tensor:
+    """The position polynomial's coefficients ``C_e`` of every (head, block), side by side
+    (Note [series as a polynomial in the positions] in ``liere.speed.polynomial``).
+
+    Shape:
+        stacked ``(hm, a*s, s)``, a in (1, 2), contiguous -> ``(hm, s, T*s)``
+    """
+    hm, axes, s, offsets = _check_poly(stacked, degree)
+    terms = offsets[-1]
+    out = _fresh(stacked, hm, s, terms * s)
+    off = torch.tensor(offsets, dtype=torch.int64)
+    _run(
+        "poly", stacked.dtype, s, _ptr(stacked), _ptr(out), None, None, _ptr(off), hm, axes,
+        degree, terms, 0, _threads(),
+    )  # fmt: skip
+    return out
+
+
+def poly_coefficients_backward(grad: Tensor, stacked: Tensor, out: Tensor, degree: int) -> Tensor:
+    """``poly_coefficients_forward``'s vector-Jacobian product: the gradient with respect to
+    ``stacked``, from ``out`` (the coefficients) and ``grad`` (their gradient).
+
+    Shape:
+        grad, out ``(hm, s, T*s)``; stacked ``(hm, a*s, s)`` -> as stacked
+    """
+    hm, axes, s, offsets = _check_poly(stacked, degree)
+    terms = offsets[-1]
+    _check_real("out", out, stacked.dtype, (hm, s, terms * s))
+    _check_real("grad", grad, stacked.dtype, (hm, s, terms * s))
+    d_stacked = _fresh(stacked)
+    off = torch.tensor(offsets, dtype=torch.int64)
+    _run(
+        "poly", stacked.dtype, s, _ptr(stacked), _ptr(out), _ptr(grad), _ptr(d_stacked),
+        _ptr(off), hm, axes, degree, terms, 1, _threads(),
+    )  # fmt: skip
+    return d_stacked

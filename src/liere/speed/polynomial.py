@@ -105,25 +105,13 @@ def poly_coefficients_plain(stacked: Tensor, degree: int) -> Tensor:
 class PolyCoefficients(torch.autograd.Function):
     """The coefficient recursion written into one buffer, with a hand-written backward: per
     degree ``G_prod = [G_k shifted; G_k]``, ``dS += G_prod @ C_(k-1)^T`` and
-    ``G_(k-1) += S^T @ G_prod`` (autograd through pad/cat/slice costs about twice as much)."""
+    ``G_(k-1) += S^T @ G_prod`` (autograd through pad/cat/slice costs about twice as much).
+    Blocks up to 8x8 run both ways in the compiled kernel (``liere.kernels``): one parallel
+    region each instead of some thirty batched products, copies and concatenations."""
 
     @staticmethod
     def forward(ctx: Any, stacked: Tensor, degree: int) -> Tensor:
-        hm, rows, s = stacked.shape
-        a = rows // s
-        offsets = _level_offsets(degree, a)
-        out = _kernels._fresh(stacked, hm, s, offsets[-1] * s)
-        out[:, :, :s].copy_(torch.eye(s, dtype=stacked.dtype, device=stacked.device))
-        for k in range(1, degree + 1):
-            prev = out[:, :, offsets[k - 1] * s : offsets[k] * s]
-            level = out[:, :, offsets[k] * s : offsets[k + 1] * s]
-            if a == 1:
-                torch.bmm(stacked, prev, out=level)
-                continue
-            prod = torch.bmm(stacked, prev)  # (hm, 2s, k*s)
-            level[:, :, : k * s].copy_(prod[:, s:])
-            level[:, :, k * s :].zero_()
-            level[:, :, s:].add_(prod[:, :s])
+        out = _poly_coefficients_forward(stacked, degree)
         ctx.save_for_backward(stacked, out)
         ctx.degree = degree
         return out
@@ -140,10 +128,37 @@ class PolyCoefficients(torch.autograd.Function):
         return _poly_coefficients_backward(grad, stacked, out, degree), None
 
 
+def _poly_coefficients_forward(stacked: Tensor, degree: int) -> Tensor:
+    """``PolyCoefficients``' forward: the compiled kernel where it serves, else the recursion
+    in batched products."""
+    hm, rows, s = stacked.shape
+    if _kernels.usable(stacked, size=s, sizes=_kernels.POLY_SIZES):
+        return _kernels.poly_coefficients_forward(stacked.contiguous(), degree)
+    a = rows // s
+    offsets = _level_offsets(degree, a)
+    out = _kernels._fresh(stacked, hm, s, offsets[-1] * s)
+    out[:, :, :s].copy_(torch.eye(s, dtype=stacked.dtype, device=stacked.device))
+    for k in range(1, degree + 1):
+        prev = out[:, :, offsets[k - 1] * s : offsets[k] * s]
+        level = out[:, :, offsets[k] * s : offsets[k + 1] * s]
+        if a == 1:
+            torch.bmm(stacked, prev, out=level)
+            continue
+        prod = torch.bmm(stacked, prev)  # (hm, 2s, k*s)
+        level[:, :, : k * s].copy_(prod[:, s:])
+        level[:, :, k * s :].zero_()
+        level[:, :, s:].add_(prod[:, :s])
+    return out
+
+
 def _poly_coefficients_backward(grad: Tensor, stacked: Tensor, out: Tensor, degree: int) -> Tensor:
     """``PolyCoefficients``' vector-Jacobian product (first order, no autograd): the
     gradient with respect to the stacked bases, from the coefficients ``out`` it produced."""
     hm, rows, s = stacked.shape
+    if _kernels.usable(stacked, out, grad, size=s, sizes=_kernels.POLY_SIZES):
+        return _kernels.poly_coefficients_backward(
+            grad.contiguous(), stacked.contiguous(), out.contiguous(), degree
+        )
     a = rows // s
     offsets = _level_offsets(degree, a)
     d_stacked = torch.zeros_like(stacked)
