@@ -1,5 +1,6 @@
-"""Optional compiled CPU kernels for the two hot loops of LieRE: the squarings and the
-blockwise application of the rotations to q and k.
+"""Optional compiled CPU kernels for the hot loops of LieRE: the squarings, the products
+along rays, the blockwise application of the rotations to q and k, and the position
+polynomial's coefficients.
 
 Note [compiled kernels]
 ~~~~~~~~~~~~~~~~~~~~~~~
@@ -27,6 +28,12 @@ scatter of both. Plain C loops keep each matrix in registers or L1 instead:
   from any strides (q and k are usually views of one qkv tensor) and written to fresh
   contiguous tensors, prefix tokens copied; one token per task, batch rows in tiles that
   share each load of ``R``. The backward gives ``R^T dq'`` and ``dR = sum_batch dq' q^T``.
+* ``poly``: the coefficient recursion of the position polynomial (Note [series as a
+  polynomial in the positions] in ``liere.speed.polynomial``) and its backward for blocks up
+  to 8x8, one task per (head, block). Through PyTorch it was some thirty batched products,
+  copies and concatenations per call, each a parallel region; on a machine with a competing
+  load each region waits for a descheduled thread, and LieRE_8's layer collapsed to 840 ms
+  (AxialRoPE's 276). As one region each way it runs 372-376 ms there (docs/performance.md).
 
 All split their work over torch's OpenMP threads: built with ``-fopenmp``, the library
 links ``libgomp.so.1``, which resolves to the copy torch has loaded, so the kernels run on
