@@ -691,9 +691,11 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-def _poly_offsets(degree: int, axes: int) -> list[int]:
-    """Column-block offset of each degree's coefficients (``k + 1`` blocks per degree for two
-    axes, one for one axis); the last entry is the number of monomials ``T``."""
+def poly_offsets(degree: int, axes: int) -> list[int]:
+    """Column-block offset of each degree's coefficients in ``C_e``'s side-by-side layout
+    (``k + 1`` blocks per degree for two axes, one for one axis); the last entry is the number
+    of monomials ``T``. The PyTorch recursion (``liere.speed.polynomial``) and the kernel
+    share it."""
     offsets = [0]
     for k in range(degree + 1):
         offsets.append(offsets[-1] + (k + 1 if axes == 2 else 1))
@@ -715,7 +717,7 @@ def _check_poly(stacked: Tensor, degree: int) -> tuple[int, int, int, list[int]]
     ):
         _fail(f"degree must be an integer in [0, {MAX_POLY_DEGREE}]; got {degree!r}.")
     axes = rows // s
-    return hm, axes, s, _poly_offsets(degree, axes)
+    return hm, axes, s, poly_offsets(degree, axes)
 
 
 def poly_coefficients_forward(stacked: Tensor, degree: int) -> Tensor:

@@ -40,7 +40,13 @@ from torch import Tensor
 
 from liere.definition import block_generators
 
-from .extrapolation import LARGE_NORM, REORTHOGONALIZE_ABOVE, _warn_if_inaccurate, squarings_for
+from .extrapolation import (
+    LARGE_NORM,
+    REORTHOGONALIZE_ABOVE,
+    _warn_if_inaccurate,
+    newton_schulz_step,
+    squarings_for,
+)
 from .taylor import TAYLOR
 
 
@@ -99,7 +105,7 @@ def lie_rotations_generic(
     if fix:
         assert reorthogonalize_above is not None
         over = (bound > reorthogonalize_above)[..., None, None]
-        rot = torch.where(over, _newton_schulz(rot), rot)
+        rot = torch.where(over, newton_schulz_step(rot), rot)
     if not check_finite:  # out of range, NaN or Inf: NaN, never a wrong rotation
         bad = ~(bound <= theta * 2.0**levels)
         rot = torch.where(bad[..., None, None], torch.full_like(rot, math.nan), rot)
@@ -142,11 +148,3 @@ def _series(x: Tensor) -> Tensor:
     for c in reversed(range(chunks - 1)):
         result = torch.baddbmm(chunk(c), result, top)
     return result
-
-
-def _newton_schulz(rot: Tensor) -> Tensor:
-    """One Newton-Schulz step ``R - R (R^T R - I) / 2`` in float64 (Note
-    [re-orthogonalisation]), back in ``rot``'s dtype."""
-    r = rot.double()
-    eye = torch.eye(r.shape[-1], dtype=r.dtype, device=r.device)
-    return (r - 0.5 * torch.matmul(r, torch.matmul(r.mT, r) - eye)).to(rot.dtype)

@@ -72,12 +72,21 @@ def reorthogonalize(
     flat = rotations.reshape(-1, size, size)
     out = flat.clone()
     for chunk in index.split(_REORTHOGONALIZE_CHUNK):
-        r = flat.index_select(0, chunk).double()
-        error = torch.bmm(r.mT, r)
-        error.diagonal(dim1=-2, dim2=-1).sub_(1.0)  # R^T R - I
-        fixed = torch.baddbmm(r, r, error, alpha=-0.5)  # R - R (R^T R - I) / 2
-        out.index_copy_(0, chunk, fixed.to(rotations.dtype))
+        out.index_copy_(0, chunk, newton_schulz_step(flat.index_select(0, chunk)))
     return out.view(rotations.shape)
+
+
+def newton_schulz_step(rotations: Tensor) -> Tensor:
+    """``R - R (R^T R - I) / 2`` in float64 (Note [re-orthogonalisation]), back in
+    ``rotations``' dtype.
+
+    Shape:
+        ``(..., s, s)`` -> ``(..., s, s)``
+    """
+    r = rotations.double()
+    error = torch.matmul(r.mT, r)
+    error.diagonal(dim1=-2, dim2=-1).sub_(1.0)  # R^T R - I
+    return (r - 0.5 * torch.matmul(r, error)).to(rotations.dtype)
 
 
 def rotation_error_bound(norm: float, dtype: torch.dtype) -> float:

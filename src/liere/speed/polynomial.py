@@ -72,15 +72,6 @@ def stack_axes(bases: Tensor) -> Tensor:
     return bases.transpose(0, 1).reshape(a, h * m, s, s).transpose(0, 1).reshape(h * m, a * s, s)
 
 
-def _level_offsets(degree: int, a: int) -> list[int]:
-    """Column-block offset of each degree's coefficients (``k + 1`` blocks per degree for
-    two axes, one for one axis); the last entry is ``T``."""
-    offsets = [0]
-    for k in range(degree + 1):
-        offsets.append(offsets[-1] + (k + 1 if a == 2 else 1))
-    return offsets
-
-
 def poly_coefficients_plain(stacked: Tensor, degree: int) -> Tensor:
     """``PolyCoefficients`` in plain autograd ops (the reference; double backward).
 
@@ -135,7 +126,7 @@ def _poly_coefficients_forward(stacked: Tensor, degree: int) -> Tensor:
     if _kernels.usable(stacked, size=s, sizes=_kernels.POLY_SIZES):
         return _kernels.poly_coefficients_forward(stacked.contiguous(), degree)
     a = rows // s
-    offsets = _level_offsets(degree, a)
+    offsets = _kernels.poly_offsets(degree, a)
     out = _kernels._fresh(stacked, hm, s, offsets[-1] * s)
     out[:, :, :s].copy_(torch.eye(s, dtype=stacked.dtype, device=stacked.device))
     for k in range(1, degree + 1):
@@ -160,7 +151,7 @@ def _poly_coefficients_backward(grad: Tensor, stacked: Tensor, out: Tensor, degr
             grad.contiguous(), stacked.contiguous(), out.contiguous(), degree
         )
     a = rows // s
-    offsets = _level_offsets(degree, a)
+    offsets = _kernels.poly_offsets(degree, a)
     d_stacked = torch.zeros_like(stacked)
     st = stacked.mT
     carry: Optional[Tensor] = None  # gradient reaching degree k from degree k + 1
