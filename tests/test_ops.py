@@ -345,7 +345,7 @@ def test_backward_op_works_from_inside_a_recompute_and_reraises_errors():
 
 
 @pytest.mark.parametrize("prefix", [0, 1, 3])
-def test_complex_rope_pair_matches_the_definition_with_prefix_tokens(prefix):
+def test_rope_pair_matches_the_definition_with_prefix_tokens(prefix, both_paths):
     from liere import functional as F
     from liere import ops
 
@@ -358,8 +358,11 @@ def test_complex_rope_pair_matches_the_definition_with_prefix_tokens(prefix):
         torch.cat((t[:, :, :prefix], F.apply_rope(t[:, :, prefix:], cos, sin)), dim=2)
         for t in (q, k)
     ]
+    # the complex multiplication makes the definition's products and sums (same bits); the
+    # kernel may fuse them (one rounding fewer)
+    exact = {"atol": 0, "rtol": 0} if both_paths == "pytorch" else {}
     for a, b in zip(fast, ref):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, b, **exact)
     assert torch.equal(fast[0][:, :, :prefix], q[:, :, :prefix])
     g = [randn(*q.shape, seed=10), randn(*q.shape, seed=11)]
     grads_fast = torch.autograd.grad(fast, (q, k), g)

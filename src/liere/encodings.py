@@ -740,8 +740,9 @@ class BlockRotaryEncoding(RotaryEncoding):
     def _rotate_pair(
         self, q: Tensor, k: Tensor, rotation: Rotation, num_prefix_tokens: int = 0
     ) -> tuple[Tensor, Tensor]:
-        if isinstance(rotation, tuple):
-            return super()._rotate_pair(q, k, rotation, num_prefix_tokens)
+        if isinstance(rotation, tuple):  # 2x2 blocks: the RoPE path
+            cos, sin = rotation
+            return ops.rope_pair(q, k, cos, sin, num_prefix_tokens)
         if self._is_frozen_while_tracing(rotation):
             return super()._rotate_pair(q, k, rotation, num_prefix_tokens)
         return ops.blockwise_pair(q, k, rotation, num_prefix_tokens=num_prefix_tokens)

@@ -1,6 +1,6 @@
 """Optional compiled CPU kernels for the hot loops of LieRE: the squarings, the products
-along rays, the blockwise application of the rotations to q and k, and the position
-polynomial's coefficients.
+along rays, the blockwise application of the rotations to q and k, RoPE on q and k, and the
+position polynomial's coefficients.
 
 Note [compiled kernels]
 ~~~~~~~~~~~~~~~~~~~~~~~
@@ -28,6 +28,9 @@ scatter of both. Plain C loops keep each matrix in registers or L1 instead:
   from any strides (q and k are usually views of one qkv tensor) and written to fresh
   contiguous tensors, prefix tokens copied; one token per task, batch rows in tiles that
   share each load of ``R``. The backward gives ``R^T dq'`` and ``dR = sum_batch dq' q^T``.
+* ``rope``: RoPE on q and k (the RoPE family: AxialRoPE, MixedRoPE, LieRE with 2x2 blocks)
+  and its backward, the tables' gradient summed over the batch in the same pass (Note [RoPE
+  kernel] in ``liere.speed.rope``); rows swept in memory order when no table needs a gradient.
 * ``poly``: the coefficient recursion of the position polynomial (Note [series as a
   polynomial in the positions] in ``liere.speed.polynomial``) and its backward for blocks up
   to 8x8, one task per (head, block). Through PyTorch it was some thirty batched products,
@@ -156,6 +159,10 @@ _APPLY = _read_source("apply.c.in")
 # the positions] in liere/speed/polynomial.py).
 _POLY_SOURCE = _read_source("poly.c.in")
 
+# RoPE on q and k and its backward, one instance per real type (Note [RoPE kernel] in
+# liere/speed/rope.py); named like a block size 2 instance.
+_ROPE = _read_source("rope.c.in")
+
 _REALS = {torch.float32: ("float", "f32"), torch.float64: ("double", "f64")}
 _INTS = {"float": "int32_t", "double": "int64_t"}
 _REALS_BY_NAME = {"float": "f32", "double": "f64"}
@@ -188,6 +195,7 @@ def _source() -> str:
         parts += [_instance(_RAYS, real, size) for size in RAY_SIZES]
         parts += [_instance(_APPLY, real, size) for size in APPLY_SIZES]
         parts += [_instance(_POLY_SOURCE, real, size) for size in POLY_SIZES]
+        parts.append(_instance(_ROPE, real, 2))
     return "\n".join(parts)
 
 
@@ -361,6 +369,36 @@ def _fresh(like: Tensor, *shape: int) -> Tensor:
     return torch.empty(size, dtype=like.dtype, device=like.device)
 
 
+def row_strides(like: Tensor) -> tuple[int, ...]:
+    """Strides of a dense tensor shaped like ``like`` whose leading dims are laid out in the
+    order of ``like``'s strides (as elementwise PyTorch ops lay out their outputs) and whose
+    last dim is contiguous: rotating q, a ``(b, h, n, d)`` view of a ``(b, n, 3, h, d)`` qkv,
+    gives a ``(b, n, h, d)``-ordered result, so attention's output reshapes to ``(b, n, h*d)``
+    without a copy (Note [output layout])."""
+    lead = like.dim() - 1
+    strides_in = like.stride()
+    order = sorted(range(lead), key=lambda i: (-strides_in[i], i)) + [lead]
+    strides = [0] * like.dim()
+    step = 1
+    for i in reversed(order):
+        strides[i] = step
+        step *= max(like.shape[i], 1)
+    return tuple(strides)
+
+
+def _fresh_rows(like: Tensor) -> Tensor:
+    """An uninitialised tensor shaped like ``like`` with ``row_strides(like)``."""
+    return torch.empty_strided(like.shape, row_strides(like), dtype=like.dtype, device=like.device)
+
+
+# Note [output layout]: the application and RoPE kernels write rows (b, h, t) of d entries at
+# any strides; their outputs take the layout of their inputs (``_fresh_rows``). With contiguous
+# (b, h, n, d) outputs, scaled_dot_product_attention's output came out (b, h, n, d) too and the
+# attention layer copied it to (b, n, h*d) before its output projection: one extra pass and
+# buffer per layer (2.3 MB at ViT-S/16, batch 8) that no encoding had with the complex
+# multiplication, whose outputs follow q's layout.
+
+
 def _run(kind: str, dtype: torch.dtype, size: int, *args: Any) -> None:
     """Call a kernel; its status says whether every scratch allocation succeeded."""
     if _fn(kind, dtype, size)(*args):
@@ -432,8 +470,10 @@ def _fn(kind: str, dtype: torch.dtype, size: int) -> ctypes._CFuncPtr:  # type: 
             fn.argtypes = [p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i]
         elif kind == "poly":
             fn.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i, i]
+        elif kind == "rope":
+            fn.argtypes = [p] * 15 + [i64] * 6 + [i, i]
         else:
-            fn.argtypes = [p, p, p, p, p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i, i]
+            fn.argtypes = [p] * 13 + [i64] * 6 + [i, i]
         fn.restype = ctypes.c_int  # nonzero: a scratch allocation failed
         fn._liere_typed = True
     return fn
@@ -568,11 +608,12 @@ def apply_forward(q: Tensor, k: Tensor, rotations: Tensor, p: int) -> tuple[Tens
         -> two contiguous ``(b, h, p + n, d)``
     """
     b, heads, tokens, hr, m, s = _check_application(q, k, rotations, p)
-    out_q, out_k = _fresh(q), _fresh(k)
+    out_q = _fresh_rows(q)
+    out_k = torch.empty_like(out_q)
     _run(
         "apply", q.dtype, s, _ptr(q), _strides(q), _ptr(k), _strides(k), None, None, None,
-        None, _ptr(rotations), _ptr(out_q), _ptr(out_k), None, b, heads, tokens, p, m, hr, 0,
-        _threads(),
+        None, _ptr(rotations), _ptr(out_q), _ptr(out_k), _strides(out_q), None, b, heads,
+        tokens, p, m, hr, 0, _threads(),
     )  # fmt: skip
     return out_q, out_k
 
@@ -612,17 +653,105 @@ def apply_backward(
     b, heads, tokens, hr, m, s = _check_application(q, k, rotations, p)
     _check_real("grad_q", grad_q, q.dtype, tuple(q.shape), contiguous=False)
     _check_real("grad_k", grad_k, q.dtype, tuple(q.shape), contiguous=False)
+    so = (ctypes.c_int64 * 4)(*row_strides(grad_q))
     d_q = d_k = d_rot = None
     if need_inputs:
-        d_q, d_k = _fresh(grad_q), _fresh(grad_k)
+        d_q = _fresh_rows(grad_q)
+        d_k = torch.empty_like(d_q)
     if need_rotations:
         d_rot = _fresh(rotations)
     _run(
         "apply", q.dtype, s, _ptr(q), _strides(q), _ptr(k), _strides(k), _ptr(grad_q),
         _strides(grad_q), _ptr(grad_k), _strides(grad_k), _ptr(rotations), _ptr(d_q),
-        _ptr(d_k), _ptr(d_rot), b, heads, tokens, p, m, hr, 1, _threads(),
+        _ptr(d_k), so, _ptr(d_rot), b, heads, tokens, p, m, hr, 1, _threads(),
     )  # fmt: skip
     return d_q, d_k, d_rot
+
+
+def _check_rope(
+    q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor, p: int
+) -> tuple[int, int, int, int, int]:
+    if not isinstance(q, Tensor) or not isinstance(cos, Tensor) or q.dim() != 4 or cos.dim() != 3:
+        shapes = [tuple(getattr(t, "shape", ())) for t in (q, cos)]
+        _fail(f"q must be (b, h, p + n, 2k) and cos (h', n, k); got {shapes[0]} and {shapes[1]}.")
+    b, heads, tokens, d = q.shape
+    hr, n, pairs = cos.shape
+    _check_real("q", q, q.dtype, contiguous=False)
+    if k is not None:
+        _check_real("k", k, q.dtype, tuple(q.shape), contiguous=False)
+    _check_real("cos", cos, q.dtype, (hr, n, pairs))
+    _check_real("sin", sin, q.dtype, (hr, n, pairs))
+    if d != 2 * pairs:
+        _fail(f"cos and sin must have head_dim / 2 = {d // 2} pairs per row; got {pairs}.")
+    for name, t in (("q", q), ("k", k)):
+        if t is not None and t.stride(-1) != 1:
+            _fail(f"{name} needs a unit last stride; got strides {t.stride()}.")
+    if not 0 <= p <= tokens or tokens - p != n:
+        _fail(f"{tokens} tokens minus {p} prefix tokens must equal the {n} rotated tokens.")
+    if hr < 1 or heads % hr:
+        _fail(f"{heads} heads must be a multiple of the tables' {hr} heads.")
+    return b, heads, tokens, hr, pairs
+
+
+def rope_forward(
+    q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor, p: int
+) -> tuple[Tensor, Optional[Tensor]]:
+    """RoPE on q and k (``k`` may be ``None``: q alone), the first ``p`` tokens copied (Note
+    [RoPE kernel] in ``liere.speed.rope``).
+
+    Shape:
+        q, k ``(b, h, p + n, 2k)`` (unit last stride); cos, sin ``(h | 1, n, k)`` contiguous
+        -> two contiguous ``(b, h, p + n, 2k)`` (the second ``None`` without k)
+    """
+    b, heads, tokens, hr, pairs = _check_rope(q, k, cos, sin, p)
+    out_q = _fresh_rows(q)
+    out_k = None if k is None else torch.empty_like(out_q)
+    sk = _strides(q if k is None else k)
+    _run(
+        "rope", q.dtype, 2, _ptr(q), _strides(q), _ptr(k), sk, None, None, None, None,
+        _ptr(cos), _ptr(sin), _ptr(out_q), _ptr(out_k), _strides(out_q), None, None, b, heads,
+        tokens, p, pairs, hr, 0, _threads(),
+    )  # fmt: skip
+    return out_q, out_k
+
+
+def rope_backward(
+    q: Tensor,
+    k: Optional[Tensor],
+    cos: Tensor,
+    sin: Tensor,
+    grad_q: Tensor,
+    grad_k: Optional[Tensor],
+    p: int,
+    need_inputs: bool,
+    need_tables: bool,
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """Gradients of ``rope_forward`` for q and k (turned back, prefix copied) and for cos and
+    sin (summed over the batch, q and k, and the heads sharing a table); ``k`` and ``grad_k``
+    both ``None`` for q alone."""
+    b, heads, tokens, hr, pairs = _check_rope(q, k, cos, sin, p)
+    if (k is None) != (grad_k is None):
+        _fail("k and grad_k must be given together (or both None for q alone).")
+    for name, g in (("grad_q", grad_q), ("grad_k", grad_k)):
+        if g is not None:
+            _check_real(name, g, q.dtype, tuple(q.shape), contiguous=False)
+            if g.stride(-1) != 1:
+                _fail(f"{name} needs a unit last stride; got strides {g.stride()}.")
+    d_q = d_k = d_cos = d_sin = None
+    so = (ctypes.c_int64 * 4)(*row_strides(grad_q))
+    if need_inputs:
+        d_q = _fresh_rows(grad_q)
+        d_k = None if grad_k is None else torch.empty_like(d_q)
+    if need_tables:
+        d_cos, d_sin = _fresh(cos), _fresh(sin)
+    sk = _strides(q if k is None else k)
+    sgk = _strides(grad_q if grad_k is None else grad_k)
+    _run(
+        "rope", q.dtype, 2, _ptr(q), _strides(q), _ptr(k), sk, _ptr(grad_q), _strides(grad_q),
+        _ptr(grad_k), sgk, _ptr(cos), _ptr(sin), _ptr(d_q), _ptr(d_k), so, _ptr(d_cos),
+        _ptr(d_sin), b, heads, tokens, p, pairs, hr, 1, _threads(),
+    )  # fmt: skip
+    return d_q, d_k, d_cos, d_sin
 
 
 def ray_products_forward(rotations: Tensor, dst: Tensor, left: Tensor, right: Tensor) -> None:

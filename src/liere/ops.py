@@ -64,8 +64,10 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .kernels import row_strides
 from .precision import exact_dtype, no_autocast
 from .speed.blockwise import apply_blockwise_vjp, blockwise_pair_backward, pair_function_serves
+from .speed.rope import rope_kernel, rope_kernel_serves
 from .speed.rotations import bases_vjp
 
 __all__ = ["block_rotations", "blockwise", "blockwise_pair", "rope", "rope_pair"]
@@ -360,7 +362,17 @@ def _apply_blockwise_pair(
     """
     with torch.no_grad():
         q_out, k_out = _pair_full_precision(q, k, rotations, num_prefix_tokens)
-        return q_out.contiguous(), k_out.contiguous()
+        return _laid_out_like(q_out, q), _laid_out_like(k_out, k)
+
+
+def _laid_out_like(out: Tensor, like: Tensor) -> Tensor:
+    """``out`` with ``row_strides(like)``, the layout the fake implementation promises and
+    the kernels write (Note [output layout] in ``liere.kernels``): a copy only when a path
+    left it otherwise."""
+    strides = row_strides(like)
+    if out.stride() == strides:
+        return out
+    return torch.empty_strided(out.shape, strides, dtype=out.dtype, device=out.device).copy_(out)
 
 
 def _pair_full_precision(
@@ -379,7 +391,10 @@ def _pair_full_precision(
 
 @_apply_blockwise_pair.register_fake
 def _(q: Tensor, k: Tensor, rotations: Tensor, num_prefix_tokens: int) -> tuple[Tensor, Tensor]:
-    return q.new_empty(q.shape), k.new_empty(k.shape)
+    return (
+        q.new_empty_strided(q.shape, row_strides(q)),
+        k.new_empty_strided(k.shape, row_strides(k)),
+    )
 
 
 @torch.library.custom_op("liere::apply_blockwise_pair_backward", mutates_args=())
@@ -526,30 +541,50 @@ def _complex_view_ok(x: Tensor) -> bool:
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """``F.apply_rope``, as one complex multiplication in eager mode (Note [complex RoPE]).
+    """``F.apply_rope``: in eager mode the compiled kernel on the CPU with a table shared by
+    the batch (Note [RoPE kernel] in ``liere.speed.rope``), otherwise one complex
+    multiplication (Note [complex RoPE]).
 
     Shape:
         as ``F.apply_rope``
     """
+    if rope_kernel_serves(x, None, cos, sin, 0):  # Note [RoPE kernel]
+        return rope_kernel(x, None, cos, sin, 0, _rope_complex)[0]
+    return _rope_complex(x, None, cos, sin, 0)[0]
+
+
+def _rope_complex(x: Tensor, _k: None, cos: Tensor, sin: Tensor, _p: int) -> tuple[Tensor]:
+    """``rope`` off the kernel, in ``rope_kernel``'s reference signature."""
     if F.is_tracing() or not _complex_view_ok(x) or cos.dtype != x.dtype or x.numel() == 0:
-        return F.apply_rope(x, cos, sin)
+        return (F.apply_rope(x, cos, sin),)
     turn = torch.complex(cos, sin)
     out = torch.view_as_complex(x.unflatten(-1, (-1, 2))) * turn
-    return torch.view_as_real(out).flatten(-2)
+    return (torch.view_as_real(out).flatten(-2),)
 
 
 def rope_pair(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, num_prefix_tokens: int = 0
 ) -> tuple[Tensor, Tensor]:
-    """``F.apply_rope`` on q and k, the first ``num_prefix_tokens`` tokens unrotated: in eager
-    mode one complex multiplication each over the whole of q and k, the prefix tokens turned
-    by angle 0 (exactly 1 + 0i), so no slicing and concatenating (Note [complex RoPE]).
+    """``F.apply_rope`` on q and k, the first ``num_prefix_tokens`` tokens unrotated. In eager
+    mode on the CPU with tables shared by the batch, the compiled kernel (Note [RoPE kernel]
+    in ``liere.speed.rope``); otherwise one complex multiplication each over the whole of q
+    and k, the prefix tokens turned by angle 0 (exactly 1 + 0i), so no slicing and
+    concatenating (Note [complex RoPE]).
 
     Shape:
         q, k ``(b, h, p + n, 2k)``; cos, sin broadcastable to ``(b, h, n, k)``
         -> ``(b, h, p + n, 2k)`` each
     """
     p = num_prefix_tokens
+    if rope_kernel_serves(q, k, cos, sin, p):  # Note [RoPE kernel]
+        q_rot, k_rot = rope_kernel(q, k, cos, sin, p, _rope_pair_complex)
+        return q_rot, k_rot
+    return _rope_pair_complex(q, k, cos, sin, p)
+
+
+def _rope_pair_complex(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, p: int
+) -> tuple[Tensor, Tensor]:
     fast = not F.is_tracing() and all(
         _complex_view_ok(t) and t.numel() > 0 and cos.dtype == t.dtype for t in (q, k)
     )

@@ -14,6 +14,7 @@ module              technique
 ``rotations``       the dispatch: few tokens, fast path, ``lie_rotations``
 ``device``          the device-generic path: no value read on the host (GPUs)
 ``blockwise``       applying the rotations to q and k
+``rope``            RoPE on q and k through the compiled kernel (the RoPE family, 2x2 blocks)
 ``tracing``         whether a tracer (compile, export, ONNX) is running
 ==================  ==========================================================================
 
