@@ -427,9 +427,15 @@ def test_polynomial_coefficient_kernel_matches_the_pytorch_recursion(size, axes,
     stacked = polynomial.stack_axes(bases)
     degree = polynomial.POLY[dtype][0]
     expected = polynomial.poly_coefficients_plain(stacked, degree)
-    out = K.poly_coefficients_forward(stacked, degree)
+    out, none = K.poly_coefficients_forward(stacked, degree)
+    assert none is None
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(out, expected, atol=64 * eps * expected.abs().max(), rtol=0)
+    # the entry-major copy holds the same values, laid out as the series GEMM reads them
+    same, flat = K.poly_coefficients_forward(stacked, degree, entry_major=True)
+    hm, s, ts = out.shape
+    assert torch.equal(same, out)
+    assert torch.equal(flat, out.view(hm, s, ts // s, s).permute(1, 3, 0, 2))
     grad = randn(*out.shape, seed=3, dtype=dtype)
     leaf = stacked.clone().requires_grad_()
     (d_expected,) = torch.autograd.grad(
@@ -437,12 +443,16 @@ def test_polynomial_coefficient_kernel_matches_the_pytorch_recursion(size, axes,
     )
     d_out = K.poly_coefficients_backward(grad, stacked, out, degree)
     torch.testing.assert_close(d_out, d_expected, atol=64 * eps * d_expected.abs().max(), rtol=0)
+    # the gradient read in the entry-major layout: the same sums, the same bits
+    grad_entry = grad.view(hm, s, ts // s, s).permute(1, 3, 0, 2).contiguous()
+    d_entry = K.poly_coefficients_backward(grad_entry, stacked, out, degree, entry_major=True)
+    assert torch.equal(d_entry, d_out)
 
 
 @needs_kernels
 def test_polynomial_coefficient_arguments_are_checked():
     stacked = polynomial.stack_axes(LieRE(16, 2, num_heads=2, block_size=8).bases().detach())
-    out = K.poly_coefficients_forward(stacked, 5)  # fine
+    out, _ = K.poly_coefficients_forward(stacked, 5)  # fine
     with pytest.raises(ValueError, match="degree must be an integer in"):
         K.poly_coefficients_forward(stacked, K.MAX_POLY_DEGREE + 1)
     with pytest.raises(ValueError, match=r"with a in \(1, 2\)"):
@@ -453,3 +463,5 @@ def test_polynomial_coefficient_arguments_are_checked():
         K.poly_coefficients_backward(out, stacked, out[:, :, :8], 5)
     with pytest.raises(ValueError, match="grad must be torch.float32"):
         K.poly_coefficients_backward(out.double(), stacked, out, 5)
+    with pytest.raises(ValueError, match=r"grad must have shape \(8, 8, 4, 21\)"):
+        K.poly_coefficients_backward(out, stacked, out, 5, entry_major=True)

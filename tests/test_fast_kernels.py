@@ -282,3 +282,39 @@ def test_attention_with_an_overridden_encoding_forward_gets_sliced_tokens():
     layer = RotaryAttention(32, 2, pos_enc=enc, num_prefix_tokens=1)
     layer(randn(2, 10, 32, seed=1), grid_positions(3, 3))
     assert enc.seen == (2, 2, 9, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("entry_major", [True, False], ids=["entry", "batch"])
+@pytest.mark.parametrize("axes", [1, 2])
+@pytest.mark.parametrize("block", [4, 8])
+def test_poly_series_matches_its_plain_ops(block, axes, entry_major, dtype, both_paths):
+    # coefficients and series GEMM as one Function (the kernel writes the GEMM's layout
+    # directly for entry-major series): values and gradients of the bases and the monomials
+    bases = skew(2 * axes * 3, block, 0.4, seed=block + axes, dtype=dtype)
+    stacked = polynomial.stack_axes(bases.view(2, axes, 3, block, block))
+    degree = polynomial.POLY[dtype][0]
+    positions = torch.rand(11, axes, generator=torch.Generator().manual_seed(2), dtype=dtype)
+    weights = polynomial.poly_weights(positions, degree)
+    leaves = [t.clone().requires_grad_() for t in (stacked, weights)]
+    fast = polynomial.poly_series(*leaves, degree, entry_major)
+    ref = polynomial.series_product_plain(
+        polynomial.poly_coefficients_plain(leaves[0], degree), leaves[1], entry_major
+    )
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(fast, ref, atol=64 * eps, rtol=0)
+    grad = randn(*fast.shape, seed=4, dtype=dtype)
+    d_fast = torch.autograd.grad(fast, leaves, grad)
+    d_ref = torch.autograd.grad(ref, leaves, grad)
+    for a, b in zip(d_fast, d_ref):
+        torch.testing.assert_close(a, b, atol=256 * eps * b.abs().max(), rtol=0)
+
+
+def test_poly_series_gradcheck_and_gradgradcheck(both_paths):
+    bases = skew(4, 4, 0.4, seed=3).view(1, 2, 2, 4, 4)
+    stacked = polynomial.stack_axes(bases).requires_grad_(True)
+    weights = polynomial.poly_weights(torch.rand(5, 2, dtype=torch.float64), 4)
+    weights.requires_grad_(True)
+    fn = lambda s, w: polynomial.poly_series(s, w, 4, True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (stacked, weights))
+    assert torch.autograd.gradgradcheck(fn, (stacked, weights))

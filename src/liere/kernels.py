@@ -469,7 +469,7 @@ def _fn(kind: str, dtype: torch.dtype, size: int) -> ctypes._CFuncPtr:  # type: 
         elif kind == "rays":
             fn.argtypes = [p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i]
         elif kind == "poly":
-            fn.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i, i]
+            fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i, i, i]
         elif kind == "rope":
             fn.argtypes = [p] * 15 + [i64] * 6 + [i, i]
         else:
@@ -849,39 +849,49 @@ def _check_poly(stacked: Tensor, degree: int) -> tuple[int, int, int, list[int]]
     return hm, axes, s, poly_offsets(degree, axes)
 
 
-def poly_coefficients_forward(stacked: Tensor, degree: int) -> Tensor:
+def poly_coefficients_forward(
+    stacked: Tensor, degree: int, entry_major: bool = False
+) -> tuple[Tensor, Optional[Tensor]]:
     """The position polynomial's coefficients ``C_e`` of every (head, block), side by side
-    (Note [series as a polynomial in the positions] in ``liere.speed.polynomial``).
+    (Note [series as a polynomial in the positions] in ``liere.speed.polynomial``), and with
+    ``entry_major`` the same values laid out as the series GEMM reads them (else ``None``).
 
     Shape:
-        stacked ``(hm, a*s, s)``, a in (1, 2), contiguous -> ``(hm, s, T*s)``
+        stacked ``(hm, a*s, s)``, a in (1, 2), contiguous -> ``(hm, s, T*s)`` and
+        ``(s, s, hm, T)``
     """
     hm, axes, s, offsets = _check_poly(stacked, degree)
     terms = offsets[-1]
     out = _fresh(stacked, hm, s, terms * s)
+    flat = _fresh(stacked, s, s, hm, terms) if entry_major else None
     off = torch.tensor(offsets, dtype=torch.int64)
     _run(
-        "poly", stacked.dtype, s, _ptr(stacked), _ptr(out), None, None, _ptr(off), hm, axes,
-        degree, terms, 0, _threads(),
+        "poly", stacked.dtype, s, _ptr(stacked), _ptr(out), _ptr(flat), None, None, _ptr(off),
+        hm, axes, degree, terms, 0, 0, _threads(),
     )  # fmt: skip
-    return out
+    return out, flat
 
 
-def poly_coefficients_backward(grad: Tensor, stacked: Tensor, out: Tensor, degree: int) -> Tensor:
+def poly_coefficients_backward(
+    grad: Tensor, stacked: Tensor, out: Tensor, degree: int, entry_major: bool = False
+) -> Tensor:
     """``poly_coefficients_forward``'s vector-Jacobian product: the gradient with respect to
-    ``stacked``, from ``out`` (the coefficients) and ``grad`` (their gradient).
+    ``stacked``, from ``out`` (the coefficients) and ``grad`` (their gradient, laid out as
+    ``out`` or, with ``entry_major``, as the forward's entry-major copy).
 
     Shape:
-        grad, out ``(hm, s, T*s)``; stacked ``(hm, a*s, s)`` -> as stacked
+        grad ``(hm, s, T*s)`` or ``(s, s, hm, T)``, out ``(hm, s, T*s)``; stacked
+        ``(hm, a*s, s)`` -> as stacked
     """
     hm, axes, s, offsets = _check_poly(stacked, degree)
     terms = offsets[-1]
     _check_real("out", out, stacked.dtype, (hm, s, terms * s))
-    _check_real("grad", grad, stacked.dtype, (hm, s, terms * s))
+    grad_shape = (s, s, hm, terms) if entry_major else (hm, s, terms * s)
+    _check_real("grad", grad, stacked.dtype, grad_shape)
     d_stacked = _fresh(stacked)
     off = torch.tensor(offsets, dtype=torch.int64)
     _run(
-        "poly", stacked.dtype, s, _ptr(stacked), _ptr(out), _ptr(grad), _ptr(d_stacked),
-        _ptr(off), hm, axes, degree, terms, 1, _threads(),
+        "poly", stacked.dtype, s, _ptr(stacked), _ptr(out), None, _ptr(grad), _ptr(d_stacked),
+        _ptr(off), hm, axes, degree, terms, int(entry_major), 1, _threads(),
     )  # fmt: skip
     return d_stacked

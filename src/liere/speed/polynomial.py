@@ -22,11 +22,12 @@ from liere import kernels as _kernels
 # products of |e| bases with e_a copies of B_a. The C_e follow from C_e = sum_a B_a C_{e-1_a},
 # one bmm per degree for every head and block at once (O(m^2) products per block, not per
 # token); the series for every token is then a single GEMM of monomials (tokens x T) with
-# coefficients (T x blocks*s*s) (``_SeriesProduct``: its buffers come from the buffer pool,
-# Note [buffer pool] in ``liere.kernels``). Per-token products are left for the squarings only, and
-# since the degree no longer costs per-token products it is raised (theta 2.1 instead of 1.3),
-# which saves a squaring. Used for one or two axes (T = m+1 or (m+1)(m+2)/2 = 15 or 120 in
-# float32); with three axes T = 680 and Paterson-Stockmeyer per token is cheaper.
+# coefficients (T x blocks*s*s) (``PolySeries``; for blocks up to 8x8 the coefficient kernel
+# writes them in the GEMM's layout directly). Per-token products are left for the squarings
+# only, and since the degree no longer costs per-token products it is raised (theta 2.1
+# instead of 1.3), which saves a squaring. Used for one or two axes (T = m+1 or
+# (m+1)(m+2)/2 = 15 or 120 in float32); with three axes T = 680 and Paterson-Stockmeyer per
+# token is cheaper.
 # Float32's degree 14 is a trade: degree 16 (theta 2.69) saves a third of a squaring per token
 # but costs 27% more coefficients and GEMM, and measured about 8 ms slower per dense ViT-S layer
 # at batch 8 (5% of it) with products along rays; degree 12 was 3 ms faster still. Accuracy on
@@ -124,7 +125,7 @@ def _poly_coefficients_forward(stacked: Tensor, degree: int) -> Tensor:
     in batched products."""
     hm, rows, s = stacked.shape
     if _kernels.usable(stacked, size=s, sizes=_kernels.POLY_SIZES):
-        return _kernels.poly_coefficients_forward(stacked.contiguous(), degree)
+        return _kernels.poly_coefficients_forward(stacked.contiguous(), degree)[0]
     a = rows // s
     offsets = _kernels.poly_offsets(degree, a)
     out = _kernels._fresh(stacked, hm, s, offsets[-1] * s)
@@ -170,7 +171,7 @@ def _poly_coefficients_backward(grad: Tensor, stacked: Tensor, out: Tensor, degr
     return d_stacked
 
 
-def _series_product_plain(coefficients: Tensor, weights: Tensor, entry_major: bool) -> Tensor:
+def series_product_plain(coefficients: Tensor, weights: Tensor, entry_major: bool) -> Tensor:
     """The series of every token from the coefficients (``_SeriesProduct`` in plain ops).
 
     Shape:
@@ -187,66 +188,138 @@ def _series_product_plain(coefficients: Tensor, weights: Tensor, entry_major: bo
     return torch.matmul(weights, flat).view(count, hm, s, s)
 
 
-class _SeriesProduct(torch.autograd.Function):
-    """``_series_product_plain`` with every large buffer (the coefficients laid out for the
-    GEMM, the series, and their gradients) from the buffer pool (Note [buffer pool] in
-    ``liere.kernels``): one permuted copy and one GEMM each way. Saves the coefficients (which
-    ``PolyCoefficients`` keeps anyway), the weights, and the permuted copy only when the
-    weights need a gradient."""
+def poly_series(stacked: Tensor, weights: Tensor, degree: int, entry_major: bool) -> Tensor:
+    """The series of every token (Note [series as a polynomial in the positions]): the
+    coefficients of the stacked bases, then one GEMM with the monomials, as one autograd
+    Function (``PolySeries``), so that the kernel can write the coefficients in the GEMM's
+    layout directly.
 
-    @staticmethod
-    def forward(ctx: Any, coefficients: Tensor, weights: Tensor, entry_major: bool) -> Tensor:
-        hm, s, ts = coefficients.shape
-        terms, count = ts // s, weights.shape[0]
+    Shape:
+        stacked ``(hm, a*s, s)`` (``stack_axes``); weights ``(N, T)`` -> entry-major
+        ``(s, s, hm, N)`` or batch-major ``(N, hm, s, s)``
+    """
+    out: Tensor = PolySeries.apply(stacked, weights, degree, entry_major)
+    return out
+
+
+def poly_series_forward(
+    stacked: Tensor, weights: Tensor, degree: int, entry_major: bool
+) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """``poly_series`` without autograd: the series, the coefficients ``(hm, s, T*s)`` (their
+    backward reads them) and the GEMM's operand (the coefficients laid out as the GEMM reads
+    them; the positions' gradient needs it).
+
+    With blocks the coefficient kernel serves and an entry-major series, the kernel writes
+    both layouts in one pass; otherwise the GEMM's operand is a permuted copy (0.5 ms of
+    1.4 MB at ViT-S/16 with 8x8 blocks, each way, measured: docs/performance.md).
+    """
+    hm, _, s = stacked.shape
+    count = weights.shape[0]
+    if entry_major and _kernels.usable(stacked, size=s, sizes=_kernels.POLY_SIZES):
+        coefficients, flat = _kernels.poly_coefficients_forward(
+            stacked.contiguous(), degree, entry_major=True
+        )
+        assert flat is not None
+        terms = flat.shape[-1]
+    else:
+        coefficients = _poly_coefficients_forward(stacked, degree)
+        terms = coefficients.shape[-1] // s
         blocks = coefficients.view(hm, s, terms, s)
-        fresh = _kernels._fresh
-        if entry_major:  # (s*s*hm, T) @ (T, N) -> (s, s, hm, N)
-            flat = fresh(coefficients, s, s, hm, terms)
+        if entry_major:
+            flat = _kernels._fresh(coefficients, s, s, hm, terms)
             flat.copy_(blocks.permute(1, 3, 0, 2))
-            out = fresh(coefficients, s, s, hm, count)
-            torch.mm(flat.view(-1, terms), weights.mT, out=out.view(-1, count))
-        else:  # (N, T) @ (T, hm*s*s) -> (N, hm, s, s)
-            flat = fresh(coefficients, terms, hm, s, s)
+        else:
+            flat = _kernels._fresh(coefficients, terms, hm, s, s)
             flat.copy_(blocks.permute(2, 0, 1, 3))
-            out = fresh(coefficients, count, hm, s, s)
-            torch.mm(weights, flat.view(terms, -1), out=out.view(count, -1))
-        ctx.entry_major = entry_major
-        ctx.save_for_backward(coefficients, weights, flat if ctx.needs_input_grad[1] else None)
-        return out
+    if entry_major:  # (s*s*hm, T) @ (T, N) -> (s, s, hm, N)
+        series = _kernels._fresh(coefficients, s, s, hm, count)
+        torch.mm(flat.view(-1, terms), weights.mT, out=series.view(-1, count))
+    else:  # (N, T) @ (T, hm*s*s) -> (N, hm, s, s)
+        series = _kernels._fresh(coefficients, count, hm, s, s)
+        torch.mm(weights, flat.view(terms, -1), out=series.view(count, -1))
+    return series, coefficients, flat
+
+
+def poly_series_backward(
+    grad: Tensor,
+    stacked: Tensor,
+    coefficients: Tensor,
+    weights: Tensor,
+    degree: int,
+    entry_major: bool,
+) -> Tensor:
+    """``poly_series``' vector-Jacobian product with respect to the stacked bases, first
+    order, no autograd: one GEMM, then the coefficients' backward, which reads the GEMM's
+    gradient in place (entry-major, blocks the kernel serves) or after a permuted copy.
+
+    Shape:
+        grad as the series; stacked ``(hm, a*s, s)``; coefficients ``(hm, s, T*s)``;
+        weights ``(N, T)`` -> as stacked
+    """
+    hm, _, s = stacked.shape
+    terms, count = weights.shape[1], weights.shape[0]
+    g = grad.contiguous()
+    if entry_major and _kernels.usable(stacked, coefficients, g, size=s, sizes=_kernels.POLY_SIZES):
+        d_flat = _kernels._fresh(g, s, s, hm, terms)  # (s*s*hm, T) = g (s*s*hm, N) @ W (N, T)
+        torch.mm(g.view(-1, count), weights, out=d_flat.view(-1, terms))
+        return _kernels.poly_coefficients_backward(
+            d_flat, stacked.contiguous(), coefficients, degree, entry_major=True
+        )
+    d_coef = _series_product_coefficients_grad(g, coefficients.shape, weights, entry_major)
+    return _poly_coefficients_backward(d_coef, stacked, coefficients, degree)
+
+
+class PolySeries(torch.autograd.Function):
+    """``poly_series`` with hand-written backwards (``poly_series_backward``; the positions'
+    gradient ``d_W = g^T @ flat``). Saves the stacked bases, the coefficients, the weights,
+    and the GEMM's operand only when the weights need a gradient."""
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:
-        coefficients, weights, flat = ctx.saved_tensors
-        entry_major = ctx.entry_major
-        need_coef, need_weights = ctx.needs_input_grad[:2]
+    def forward(
+        ctx: Any, stacked: Tensor, weights: Tensor, degree: int, entry_major: bool
+    ) -> Tensor:
+        series, coefficients, flat = poly_series_forward(stacked, weights, degree, entry_major)
+        ctx.degree, ctx.entry_major = degree, entry_major
+        keep_flat = flat if ctx.needs_input_grad[1] else None
+        ctx.save_for_backward(stacked, coefficients, weights, keep_flat)
+        return series
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None, None]:
+        stacked, coefficients, weights, flat = ctx.saved_tensors
+        degree, entry_major = ctx.degree, ctx.entry_major
+        need_bases, need_weights = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph=True: recompute in differentiable plain ops
-            inputs = [t for t, need in ((coefficients, need_coef), (weights, need_weights)) if need]
+            inputs = [t for t, need in ((stacked, need_bases), (weights, need_weights)) if need]
             with torch.enable_grad():
-                ref = _series_product_plain(coefficients, weights, entry_major)
+                ref = series_product_plain(
+                    poly_coefficients_plain(stacked, degree), weights, entry_major
+                )
                 grads = iter(torch.autograd.grad(ref, inputs, grad, create_graph=True))
             return (
-                (next(grads) if need_coef else None),
-                (next(grads) if need_weights else None),
+                next(grads) if need_bases else None,
+                next(grads) if need_weights else None,
+                None,
                 None,
             )
-        hm, s, ts = coefficients.shape
-        terms, count = ts // s, weights.shape[0]
-        g = grad.contiguous()
-        d_coef = d_weights = None
-        if need_coef:
-            d_coef = _series_product_coefficients_grad(g, coefficients.shape, weights, entry_major)
+        d_stacked = d_weights = None
+        if need_bases:
+            d_stacked = poly_series_backward(
+                grad, stacked, coefficients, weights, degree, entry_major
+            )
         if need_weights:  # positions that need gradients
+            g, count, terms = grad.contiguous(), weights.shape[0], weights.shape[1]
             if entry_major:  # d_W (N, T) = g^T (N, s*s*hm) @ flat (s*s*hm, T)
                 d_weights = g.view(-1, count).mT @ flat.view(-1, terms)
             else:  # d_W (N, T) = g (N, hm*s*s) @ flat^T (hm*s*s, T)
                 d_weights = g.view(count, -1) @ flat.view(terms, -1).mT
-        return d_coef, d_weights, None
+        return d_stacked, d_weights, None, None
 
 
 def _series_product_coefficients_grad(
     grad: Tensor, shape: torch.Size, weights: Tensor, entry_major: bool
 ) -> Tensor:
-    """``_SeriesProduct``'s gradient with respect to the coefficients (of ``shape``), first
+    """The series GEMM's gradient with respect to the coefficients (of ``shape``), first
     order, no autograd: one GEMM and one permuted copy.
 
     Shape:

@@ -28,11 +28,9 @@ from .extrapolation import (
 )
 from .polynomial import (
     POLY,
-    PolyCoefficients,
-    _poly_coefficients_backward,
-    _series_product_coefficients_grad,
-    _SeriesProduct,
-    poly_coefficients,
+    poly_series,
+    poly_series_backward,
+    poly_series_forward,
     poly_weights,
     stack_axes,
     uses_polynomial,
@@ -279,13 +277,9 @@ def _polynomial_bases_vjp(
     layout = "entry" if entry_major else "batch"
     weights, scaled, e = _series_inputs(positions, js, bases, sigma, degree)
     stacked = stack_axes(scaled)
-    coefficients = PolyCoefficients.apply(stacked, degree)
-    series = _SeriesProduct.apply(coefficients, weights, entry_major)
+    series, coefficients, _ = poly_series_forward(stacked, weights, degree, entry_major)
     d_series = _kernels.squarings_backward(series, js.to(torch.int32), grad, h, m, layout)
-    d_coef = _series_product_coefficients_grad(
-        d_series.contiguous(), coefficients.shape, weights, entry_major
-    )
-    d_stacked = _poly_coefficients_backward(d_coef, stacked, coefficients, degree)
+    d_stacked = poly_series_backward(d_series, stacked, coefficients, weights, degree, entry_major)
     # undo stack_axes: (h*m, a*s, s) -> (h, a, m, s, s)
     d_scaled = d_stacked.view(h * m, a, size, size).transpose(0, 1).reshape(a, h, m, size, size)
     d_scaled = d_scaled.transpose(0, 1)
@@ -356,8 +350,7 @@ def _direct_rotations(
         if order is not None:
             flat_pos, js = flat_pos[order], js[order]
         weights, scaled, _ = _series_inputs(flat_pos, js, bases, sigma, degree)
-        coefficients = poly_coefficients(scaled, degree)  # (hm, s, T*s)
-        series: Tensor = _SeriesProduct.apply(coefficients, weights, entry_major)
+        series = poly_series(stack_axes(scaled), weights, degree, entry_major)
         if kernel:
             layout = "entry" if entry_major else "batch"
             if plan is not None and _kernels.usable(bases, size=size, sizes=_kernels.RAY_SIZES):
