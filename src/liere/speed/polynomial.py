@@ -172,7 +172,7 @@ def _poly_coefficients_backward(grad: Tensor, stacked: Tensor, out: Tensor, degr
 
 
 def series_product_plain(coefficients: Tensor, weights: Tensor, entry_major: bool) -> Tensor:
-    """The series of every token from the coefficients (``_SeriesProduct`` in plain ops).
+    """The series of every token from the coefficients (the GEMM of ``poly_series`` in plain ops).
 
     Shape:
         coefficients ``(hm, s, T*s)``, weights ``(N, T)`` -> entry-major ``(s, s, hm, N)`` or
