@@ -60,7 +60,7 @@ def test_freeze_and_tables_follow_device_moves():
         expected = enc(q, q, pos)[0]
         enc.freeze(pos)
         enc.cuda()
-        assert enc.is_frozen and enc._frozen[1].is_cuda
+        assert enc.is_frozen and enc.frozen_rotations.is_cuda
         out = enc(q.cuda(), q.cuda(), pos.cuda())[0]
     torch.testing.assert_close(out.cpu(), expected, atol=1e-5, rtol=0)
     axial = AxialRoPE(16).cuda()

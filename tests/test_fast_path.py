@@ -207,9 +207,10 @@ def test_freeze_gives_identical_outputs_without_recomputing(factory):
 
 def test_frozen_rotations_follow_device_moves_but_keep_precision():
     enc = LieRE(16, 2, block_size=8).freeze(grid_positions(3, 3))
-    rot = enc._frozen[1]
+    rot = enc.frozen_rotations
     enc.to(torch.float64)
-    assert enc._frozen[1].dtype == torch.float32 and torch.equal(enc._frozen[1], rot)
+    frozen = enc.frozen_rotations
+    assert frozen.dtype == torch.float32 and torch.equal(frozen, rot)
 
 
 def test_freeze_errors():
@@ -224,3 +225,15 @@ def test_orthogonal_at_four_times_training_range_for_dense():
     torch.manual_seed(0)
     enc = LieRE(64, 2, num_heads=2, block_size=64)
     assert_orthogonal(enc, grid_positions(6, 6) * 4)
+
+
+def test_frozen_rotations_are_what_freeze_stored():
+    enc = LieRE(16, 2, block_size=8)
+    assert enc.frozen_rotations is None
+    pos = grid_positions(3, 3)
+    with torch.no_grad():
+        expected = F.lie_rotations(pos, enc.bases())
+    torch.testing.assert_close(enc.freeze(pos).frozen_rotations, expected)
+    assert enc.unfreeze().frozen_rotations is None
+    cos, sin = AxialRoPE(16, 2).freeze(pos).frozen_rotations  # the RoPE family: (cos, sin)
+    torch.testing.assert_close(cos.square() + sin.square(), torch.ones_like(cos))

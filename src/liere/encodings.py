@@ -276,6 +276,13 @@ class RotaryEncoding(nn.Module):
     def is_frozen(self) -> bool:
         return self._frozen is not None
 
+    @property
+    def frozen_rotations(self) -> Optional[Rotation]:
+        """The rotations ``freeze`` stored (``None`` when not frozen): block rotations
+        ``(h, n, m, s, s)``, or ``(cos, sin)`` for the RoPE family. Read-only: ``freeze`` and
+        ``unfreeze`` change them."""
+        return None if self._frozen is None else self._frozen[1]
+
     def __getstate__(self) -> dict[str, Any]:
         # Note [no implicit cache]: frozen rotations are derived data; a pickled, saved or
         # deep-copied module carries its parameters only.
