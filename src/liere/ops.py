@@ -413,8 +413,8 @@ def _apply_blockwise_pair_backward(
         )  # fmt: skip
         assert gq is not None and gk is not None and gr is not None
         return (
-            gq.to(q.dtype).contiguous(),
-            gk.to(k.dtype).contiguous(),
+            _laid_out_like(gq.to(q.dtype), grad_q),
+            _laid_out_like(gk.to(k.dtype), grad_k),
             gr.to(rotations.dtype).contiguous(),
         )
 
@@ -427,8 +427,8 @@ def _apply_blockwise_pair_backward(
         d_rots.append(d_r)
     grads.append(d_rots[0] + d_rots[1])
     return (
-        grads[0].to(q.dtype).contiguous(),
-        grads[1].to(k.dtype).contiguous(),
+        _laid_out_like(grads[0].to(q.dtype), grad_q),
+        _laid_out_like(grads[1].to(k.dtype), grad_k),
         grads[2].to(rotations.dtype).contiguous(),
     )
 
@@ -437,7 +437,11 @@ def _apply_blockwise_pair_backward(
 def _(
     grad_q: Tensor, grad_k: Tensor, q: Tensor, k: Tensor, rotations: Tensor, num_prefix_tokens: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return q.new_empty(q.shape), k.new_empty(k.shape), rotations.new_empty(rotations.shape)
+    return (
+        q.new_empty_strided(q.shape, row_strides(grad_q)),
+        k.new_empty_strided(k.shape, row_strides(grad_k)),
+        rotations.new_empty(rotations.shape),
+    )
 
 
 def _pair_setup(ctx: Any, inputs: tuple[object, ...], output: object) -> None:
@@ -452,8 +456,8 @@ def _pair_backward(
     q, k, rotations = ctx.saved_tensors
     needs = ctx.needs_input_grad
     gq, gk, gr = _apply_blockwise_pair_backward(
-        grad_q.contiguous(),
-        grad_k.contiguous(),
+        grad_q,  # as they come: the gradients of q and k are laid out like them (row_strides)
+        grad_k,
         q,
         k,
         rotations,
