@@ -341,17 +341,30 @@ def status() -> str:
 
 
 def usable(*tensors: Tensor, size: int, sizes: tuple[int, ...] = SIZES) -> bool:
-    """Whether the kernels can serve these tensors: CPU, one dtype among float32/float64, a
-    block size among ``sizes`` (``SIZES`` for the squarings, ``APPLY_SIZES`` for the
-    application) and the kernels built. Callers skip the kernels while tracing
-    (``functional.is_tracing``)."""
+    """Whether the kernels can serve these tensors: CPU, one dtype among float32/float64,
+    backed by memory (not ``torch.func``'s wrappers), a block size among ``sizes`` (``SIZES``
+    for the squarings, ``APPLY_SIZES`` for the application) and the kernels built. Callers
+    skip the kernels while tracing (``functional.is_tracing``)."""
     if size not in sizes:
         return False
     dtype = tensors[0].dtype
     for t in tensors:
         if t.device.type != "cpu" or t.dtype != dtype or t.dtype not in _REALS:
             return False
+        if not has_storage(t):
+            return False
     return available()
+
+
+def has_storage(t: Tensor) -> bool:
+    """Whether ``t`` has memory a kernel could read: the tensors ``torch.func`` transforms
+    (``grad``, ``vmap``, ...) pass through a function wrap their values and have none, so the
+    PyTorch path runs under them."""
+    try:
+        t.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
 
 
 def _threads() -> int:

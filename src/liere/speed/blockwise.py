@@ -96,6 +96,7 @@ def pair_function_serves(q: Tensor, k: Tensor, rotations: Tensor, p: int) -> boo
     for these inputs, so that ``blockwise_pair_backward`` is its gradient."""
     return (
         rotations.dim() == 5
+        and all(_kernels.has_storage(t) for t in (q, k, rotations))  # not torch.func's wrappers
         and q.shape == k.shape
         and q.dtype == k.dtype == rotations.dtype
         and not (p == 0 and rotations.shape[1] <= FEW_TOKENS)

@@ -108,7 +108,11 @@ def lie_rotations(
         return expm_skew(block_generators(positions, bases), method=method)
     if bases.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"lie_rotations computes in float32 or float64; got {bases.dtype}.")
-    if positions.device.type != "cpu":  # Note [sync-free rotations]
+    # Note [sync-free rotations]; also under torch.func transforms, whose wrapped tensors have
+    # no memory for the CPU path's kernels and autograd Functions to read
+    if positions.device.type != "cpu" or not (
+        _kernels.has_storage(positions) and _kernels.has_storage(bases)
+    ):
         return lie_rotations_generic(
             positions,
             bases,
