@@ -35,6 +35,12 @@ def half_dtype(request):
     return request.param
 
 
+def qk_views(b, h, tokens, d, dtype, seed):
+    """q and k as the strided views of one qkv tensor that attention layers produce."""
+    qkv = randn(b, tokens, 3, h, d, seed=seed, dtype=dtype)
+    return qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
+
+
 def kernels_unusable(*tensors, size, sizes=None) -> bool:
     """Stand-in for ``liere.kernels.usable`` that sends everything to the PyTorch path."""
     return False

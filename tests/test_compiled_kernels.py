@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import randn, use_pytorch_path
+from conftest import qk_views, randn, use_pytorch_path
 
 from liere import LieRE, RotaryAttention, grid_positions
 from liere import functional as F
@@ -83,12 +83,6 @@ def test_kernel_squarings_gradcheck(layout):
 
 
 # -- blockwise application --------------------------------------------------------------------
-
-
-def qk_views(b, h, tokens, d, dtype, seed):
-    """q and k as the strided views of one qkv tensor that attention layers produce."""
-    qkv = randn(b, tokens, 3, h, d, seed=seed, dtype=dtype)
-    return qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
 
 
 @needs_kernels

@@ -5,7 +5,7 @@ frequencies), double backward, layouts, every fallback, and the kernel's argumen
 
 import pytest
 import torch
-from conftest import randn
+from conftest import qk_views, randn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,12 +16,6 @@ from liere import kernels as K
 needs_kernels = pytest.mark.skipif(
     not K.available(), reason=f"compiled kernels unavailable: {K.unavailable_reason()}"
 )
-
-
-def qk_views(b, h, tokens, d, dtype, seed):
-    """q and k as the strided views of one qkv tensor that attention layers produce."""
-    qkv = randn(b, tokens, 3, h, d, seed=seed, dtype=dtype)
-    return qkv[:, :, 0].transpose(1, 2), qkv[:, :, 1].transpose(1, 2)
 
 
 def tables(heads, n, pairs, dtype, seed):
