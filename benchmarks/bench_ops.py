@@ -67,8 +67,10 @@ def main() -> None:
         outs = F.apply_blockwise_pair(*leaves, num_prefix_tokens=1)
         torch.autograd.grad(outs, leaves, (gq, gk))
 
-    backward_args: tuple[object, ...] = (grad_rot, positions, bases, rot, 1024.0, True, False)
-    if len(ops.lie_rotations_backward.default._schema.arguments) == 6:
+    backward_args: tuple[object, ...] = (grad_rot, positions, bases, rot, 1024.0, True, False, [])
+    if len(ops.lie_rotations_backward.default._schema.arguments) == 7:  # before the kept series
+        backward_args = backward_args[:-1]
+    elif len(ops.lie_rotations_backward.default._schema.arguments) == 6:
         backward_args = (grad_rot, positions, bases, 1024.0, True, False)  # before c2ebbab
     cases: dict[str, Callable[[], object]] = {
         "rotations: eager forward + backward": eager_rotations,
@@ -80,6 +82,15 @@ def main() -> None:
             gq, gk, q, k, rot, 1
         ),
     }
+    if hasattr(ops, "lie_rotations_keeping_series"):  # Note [series kept for the backward ...]
+        kept = list(ops.lie_rotations_keeping_series(positions, bases, 1024.0, True)[1:])
+        kept_args = (grad_rot, positions, bases, rot, 1024.0, True, False, kept)
+        cases["rotations: forward operator keeping the series"] = lambda: (
+            ops.lie_rotations_keeping_series(positions, bases, 1024.0, True)
+        )
+        cases["rotations: backward operator, series kept"] = lambda: ops.lie_rotations_backward(
+            *kept_args
+        )
     for fn in cases.values():
         fn(), fn()
     times: dict[str, list[float]] = {name: [] for name in cases}

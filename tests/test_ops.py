@@ -47,8 +47,8 @@ def test_opcheck_lie_rotations(block, per_sample):
     rot = OPS.lie_rotations(positions.detach(), bases, None, True)
     grad = torch.randn_like(rot)
     args = (grad, positions.detach(), bases, rot, None, True)
-    opcheck(OPS.lie_rotations_backward.default, (*args, True))  # positions' gradient too
-    opcheck(OPS.lie_rotations_backward.default, (*args, False))  # bases only: direct
+    opcheck(OPS.lie_rotations_backward.default, (*args, True, []))  # positions' gradient too
+    opcheck(OPS.lie_rotations_backward.default, (*args, False, []))  # bases only: direct
 
 
 @pytest.mark.parametrize("shared_heads", [False, True])
@@ -134,7 +134,8 @@ def test_compiled_graph_holds_liere_ops_and_matches_eager(name):
     recorder = _Recorder()
     compiled = torch.compile(step, backend=recorder, fullgraph=True)
     outs = [compiled(q, k), step(q, k)]
-    assert "liere.lie_rotations" in recorder.targets
+    # a training graph: the forward op that keeps the series for the backward op
+    assert "liere.lie_rotations_keeping_series" in recorder.targets
     assert "liere.apply_blockwise_pair" in recorder.targets
     assert not [t for t in recorder.targets if "matrix_exp" in t]
     grads = [
@@ -296,7 +297,7 @@ def test_documented_schemas_are_the_registered_ones():
 
     doc = (Path(__file__).parents[1] / "docs" / "api" / "ops.md").read_text()
     rows = [line.split("|") for line in doc.splitlines() if line.startswith("| `liere::")]
-    assert len(rows) == 6
+    assert len(rows) == 7
     for row in rows:
         name, schema = row[1].strip().strip("`"), row[2].strip().strip("`")
         op = getattr(torch.ops.liere, name.removeprefix("liere::")).default
@@ -334,9 +335,9 @@ def test_backward_op_works_from_inside_a_recompute_and_reraises_errors():
     positions, bases = grid_positions(3, 3), _bases(8)
     rot = OPS.lie_rotations(positions, bases, None, True)
     grad = torch.randn_like(rot)
-    expected = OPS.lie_rotations_backward(grad, positions, bases, rot, None, True, False)
+    expected = OPS.lie_rotations_backward(grad, positions, bases, rot, None, True, False, [])
     nested = ops._with_autograd(
-        lambda: OPS.lie_rotations_backward(grad, positions, bases, rot, None, True, False)
+        lambda: OPS.lie_rotations_backward(grad, positions, bases, rot, None, True, False, [])
     )
     for a, b in zip(nested, expected):
         torch.testing.assert_close(a, b)
@@ -414,7 +415,7 @@ def test_rotations_backward_op_equals_autograd(name, kernels_on, monkeypatch):
         (expected,) = torch.autograd.grad(rot, leaf, grad)
         rot = rot.detach()
         grad_p, grad_b = OPS.lie_rotations_backward(
-            grad, positions, bases, rot, 1024.0, True, False
+            grad, positions, bases, rot, 1024.0, True, False, []
         )
         direct = bases_vjp(grad, positions, bases, rot, 1024.0)
     assert torch.equal(grad_p, torch.zeros_like(positions))
@@ -428,6 +429,72 @@ def test_rotations_backward_op_equals_autograd(name, kernels_on, monkeypatch):
     assert (direct is not None) == takes_direct
     if direct is not None:
         torch.testing.assert_close(direct, expected, atol=0, rtol=0)
+
+
+_KEEPING_CASES = [n for n in _BACKWARD_CASES if _BACKWARD_CASES[n][1] <= 2 and n != "per sample"]
+
+
+@pytest.mark.parametrize("kernels_on", [True, False], ids=["kernels", "no-kernels"])
+@pytest.mark.parametrize("name", [n for n in _KEEPING_CASES if n != "few tokens"])
+def test_forward_op_keeping_the_series_matches_the_plain_ops(name, kernels_on, monkeypatch):
+    # Note [series kept for the backward operator]: the same rotations, bit for bit, and a
+    # backward from what it kept equal to the backward that recomputes, bit for bit
+    import warnings
+
+    from conftest import kernels_unusable
+
+    from liere import kernels
+
+    if not kernels_on:
+        monkeypatch.setattr(kernels, "usable", kernels_unusable)
+    block, axes, make, dtype = _BACKWARD_CASES[name]
+    positions = make()
+    bases = _bases(block, axes=axes).to(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the large-norm case warns
+        rot = OPS.lie_rotations(positions, bases, 1024.0, True)
+        rot_kept, *kept = OPS.lie_rotations_keeping_series(positions, bases, 1024.0, True)
+        grad = randn(*rot.shape, seed=4, dtype=dtype)
+        args = (grad, positions, bases, rot, 1024.0, True, False)
+        expected = OPS.lie_rotations_backward(*args, [])
+        got = OPS.lie_rotations_backward(*args, kept)
+    assert torch.equal(rot_kept, rot)
+    # NaN norms say that nothing was kept: kernels off, or blocks re-orthogonalised
+    kept_anything = kernels_on and kernels.available() and name != "re-orthogonalised"
+    assert bool(kept[0].isnan().any()) != kept_anything
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_opcheck_lie_rotations_keeping_series():
+    for positions, block in ((grid_positions(4, 5) * 2, 8), (randn(12, 2, seed=3), 16)):
+        bases = _bases(block).clone().requires_grad_()
+        opcheck(OPS.lie_rotations_keeping_series.default, (positions, bases, 1024.0, True))
+        rot, *kept = OPS.lie_rotations_keeping_series(positions, bases.detach(), None, True)
+        args = (torch.randn_like(rot), positions, bases.detach(), rot, None, True, False, kept)
+        opcheck(OPS.lie_rotations_backward.default, args)
+
+
+def test_forward_op_keeping_the_series_says_what_it_serves():
+    bases = _bases(8, axes=3)
+    with pytest.raises(ValueError, match="serves shared CPU positions .n, a. with one or two"):
+        OPS.lie_rotations_keeping_series(grid_positions(3, 3, 3), bases, None, True)
+    with pytest.raises(ValueError, match="more than 8 tokens"):
+        OPS.lie_rotations_keeping_series(grid_positions(2, 2), _bases(8), None, True)
+
+
+@pytest.mark.parametrize("grad_mode", ["training", "no_grad"])
+def test_traced_graphs_keep_the_series_only_for_the_bases_gradient(grad_mode):
+    enc = _encodings()["liere-8"]
+    positions = grid_positions(5, 5)
+    q, k = randn(2, 2, 25, 16, seed=1), randn(2, 2, 25, 16, seed=2)
+    recorder = _Recorder()
+    compiled = torch.compile(lambda q, k: enc(q, k, positions), backend=recorder, fullgraph=True)
+    with torch.set_grad_enabled(grad_mode == "training"):
+        compiled(q, k)
+    kept = "liere.lie_rotations_keeping_series" in recorder.targets
+    assert kept == (grad_mode == "training")
+    assert kept != ("liere.lie_rotations" in recorder.targets)
 
 
 @pytest.mark.parametrize("kernels_on", [True, False], ids=["kernels", "no-kernels"])
@@ -491,10 +558,10 @@ def test_operators_ignore_the_callers_autocast():
     calls = {
         "rotations": lambda: OPS.lie_rotations(positions, bases, 1024.0, True),
         "rotations' backward, direct": lambda: OPS.lie_rotations_backward(
-            grad, positions, bases, rot, 1024.0, True, False
+            grad, positions, bases, rot, 1024.0, True, False, []
         ),
         "rotations' backward, recomputed": lambda: OPS.lie_rotations_backward(
-            grad, positions, bases, rot, 1024.0, True, True
+            grad, positions, bases, rot, 1024.0, True, True, []
         ),
         "pair": lambda: OPS.apply_blockwise_pair(q, k, rot, 1),
         "pair's backward": lambda: OPS.apply_blockwise_pair_backward(q, k, q, k, rot, 1),

@@ -239,7 +239,7 @@ def test_backward_operators_read_nothing_on_the_host_off_the_cpu():
     with mode:
         for positions_grad in (False, True):
             grad_p, grad_b = ops.lie_rotations_backward(
-                rot, positions, bases, rot, 1024.0, False, positions_grad
+                rot, positions, bases, rot, 1024.0, False, positions_grad, []
             )
             assert grad_p.shape == positions.shape and grad_b.shape == bases.shape
         gq, gk, gr = ops.apply_blockwise_pair_backward(q, q, q, q, rot, 1)

@@ -57,6 +57,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Optional
 
@@ -68,7 +69,14 @@ from .kernels import row_strides
 from .precision import exact_dtype, no_autocast
 from .speed.blockwise import apply_blockwise_vjp, blockwise_pair_backward, pair_function_serves
 from .speed.rope import rope_kernel, rope_kernel_serves
-from .speed.rotations import bases_vjp
+from .speed.rotations import (
+    KeptSeries,
+    bases_vjp,
+    keeps_series,
+    kept_nothing,
+    kept_series_shapes,
+    rotations_keeping_series,
+)
 
 __all__ = ["block_rotations", "blockwise", "blockwise_pair", "rope", "rope_pair"]
 
@@ -213,16 +221,19 @@ def _lie_rotations_backward(
     reorthogonalize_above: Optional[float],
     check_finite: bool,
     positions_grad: bool,
+    kept: Sequence[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """Gradients of ``liere::lie_rotations`` with respect to positions (zeros unless
-    ``positions_grad``) and bases; ``rotations`` is the forward's output. Without position
-    gradients the fast path's common case runs its hand-written backwards directly
+    ``positions_grad``) and bases; ``rotations`` is the forward's output, ``kept`` the rest of
+    ``liere::lie_rotations_keeping_series``' outputs when that op ran the forward. Without
+    position gradients the fast path's common case runs its hand-written backwards directly
     (``bases_vjp``); anything else recomputes the forward under autograd."""
     if not positions_grad:
         work = exact_dtype(bases.dtype, bases.device)
+        saved = KeptSeries(*kept) if kept and work == bases.dtype else None
         direct = bases_vjp(
             grad.to(work), positions.to(work), bases.to(work), rotations.to(work),
-            reorthogonalize_above,
+            reorthogonalize_above, saved,
         )  # fmt: skip
         if direct is not None:
             return positions.new_zeros(positions.shape), direct.to(bases.dtype)
@@ -269,6 +280,7 @@ def _(
     reorthogonalize_above: Optional[float],
     check_finite: bool,
     positions_grad: bool,
+    kept: Sequence[Tensor],
 ) -> tuple[Tensor, Tensor]:
     return positions.new_empty(positions.shape), bases.new_empty(bases.shape)
 
@@ -291,11 +303,83 @@ def _rotations_backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         ctx.reorthogonalize_above,
         ctx.check_finite,
         bool(needs[0]),
+        [],
     )
     return (grad_p if needs[0] else None, grad_b if needs[1] else None, None, None)
 
 
 _lie_rotations.register_autograd(_rotations_backward, setup_context=_rotations_setup)
+
+
+@torch.library.custom_op("liere::lie_rotations_keeping_series", mutates_args=())
+@_without_autocast
+def _lie_rotations_keeping_series(
+    positions: Tensor, bases: Tensor, reorthogonalize_above: Optional[float], check_finite: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``liere::lie_rotations`` for training: the rotations, then what the backward operator
+    would otherwise recompute (Note [series kept for the backward operator] in
+    ``liere.speed.rotations``): the bases' spectral norms ``(h, a, m)`` (NaN where nothing was
+    kept), the monomials ``(n, T)``, the coefficients ``(h*m, s, T*s)`` and the series
+    ``(n*h*m*s*s,)``. For shared CPU positions of one or two axes (``keeps_series``).
+
+    Shape:
+        positions ``(n, a)``; bases ``(h, a, m, s, s)`` -> ``(h, n, m, s, s)`` and the above
+    """
+    _check_keeping_series(positions, bases)
+    if exact_dtype(bases.dtype, bases.device) != bases.dtype:  # reduced matmuls: float64
+        rot = _lie_rotations(positions, bases, reorthogonalize_above, check_finite)
+        return rot, *kept_nothing(positions.shape, bases)
+    rot, kept = rotations_keeping_series(positions, bases, reorthogonalize_above)
+    return rot.contiguous(), *kept
+
+
+@_lie_rotations_keeping_series.register_fake
+def _(
+    positions: Tensor, bases: Tensor, reorthogonalize_above: Optional[float], check_finite: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_keeping_series(positions, bases)
+    shapes = kept_series_shapes(positions.shape, bases.shape, bases.dtype)
+    rot = bases.new_empty(_rotation_shape(positions, bases))
+    return rot, *(bases.new_empty(shape) for shape in shapes)  # type: ignore[return-value]
+
+
+def _check_keeping_series(positions: Tensor, bases: Tensor) -> None:
+    _check_rotation_inputs(positions, bases)
+    if not keeps_series(positions, bases):
+        raise ValueError(
+            "liere::lie_rotations_keeping_series serves shared CPU positions (n, a) with one "
+            "or two axes, more than 8 tokens and blocks the compiled kernels take (4 to 64); "
+            f"got positions {tuple(positions.shape)} on "
+            f"{positions.device} and bases {tuple(bases.shape)} {bases.dtype}. Use "
+            "liere::lie_rotations."
+        )
+
+
+def _keeping_setup(ctx: Any, inputs: tuple[object, ...], output: tuple[Tensor, ...]) -> None:
+    positions, bases, reorthogonalize_above, check_finite = inputs
+    ctx.save_for_backward(positions, bases, *output)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.reorthogonalize_above = reorthogonalize_above
+    ctx.check_finite = check_finite
+
+
+def _keeping_backward(ctx: Any, grad: Tensor, *_kept_grads: Any) -> tuple[Optional[Tensor], ...]:
+    positions, bases, rotations, *kept = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grad_p, grad_b = _lie_rotations_backward(
+        grad.contiguous(),
+        positions,
+        bases,
+        rotations,
+        ctx.reorthogonalize_above,
+        ctx.check_finite,
+        bool(needs[0]),
+        kept,
+    )
+    return (grad_p if needs[0] else None, grad_b if needs[1] else None, None, None)
+
+
+_lie_rotations_keeping_series.register_autograd(_keeping_backward, setup_context=_keeping_setup)
 
 
 # -- blockwise application -----------------------------------------------------------------
@@ -488,6 +572,11 @@ def block_rotations(
         as ``F.lie_rotations``
     """
     if F.is_tracing():
+        if method == "auto" and _keeps_series(positions, bases):
+            out = torch.ops.liere.lie_rotations_keeping_series(
+                positions, bases, reorthogonalize_above, check_finite
+            )
+            return out[0]
         if method == "auto":
             return torch.ops.liere.lie_rotations(
                 positions, bases, reorthogonalize_above, check_finite
@@ -502,6 +591,17 @@ def block_rotations(
         method=method,
         reorthogonalize_above=reorthogonalize_above,
         check_finite=check_finite,
+    )
+
+
+def _keeps_series(positions: Tensor, bases: Tensor) -> bool:
+    """Whether a traced graph should hold ``liere::lie_rotations_keeping_series``: its inputs,
+    and only the bases needing a gradient (the backward then reads what it kept)."""
+    return (
+        torch.is_grad_enabled()
+        and bases.requires_grad
+        and not positions.requires_grad
+        and keeps_series(positions, bases)
     )
 
 

@@ -52,6 +52,11 @@ def uses_polynomial(dtype: torch.dtype, num_axes: int) -> bool:
     return dtype in POLY and num_axes <= _POLY_MAX_AXES
 
 
+def poly_terms(degree: int, num_axes: int) -> int:
+    """How many monomials of degree <= ``degree`` in one or two axes (``T``)."""
+    return degree + 1 if num_axes == 1 else (degree + 1) * (degree + 2) // 2
+
+
 def poly_coefficients(bases: Tensor, degree: int) -> Tensor:
     """Coefficients ``C_e`` (Note [series as a polynomial in the positions]), side by side.
 
@@ -203,11 +208,16 @@ def poly_series(stacked: Tensor, weights: Tensor, degree: int, entry_major: bool
 
 
 def poly_series_forward(
-    stacked: Tensor, weights: Tensor, degree: int, entry_major: bool
+    stacked: Tensor,
+    weights: Tensor,
+    degree: int,
+    entry_major: bool,
+    series_buffer: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``poly_series`` without autograd: the series, the coefficients ``(hm, s, T*s)`` (their
     backward reads them) and the GEMM's operand (the coefficients laid out as the GEMM reads
-    them; the positions' gradient needs it).
+    them; the positions' gradient needs it). With ``series_buffer`` (flat, contiguous, at least
+    the series' size, its dtype and device) the series is written into its leading entries.
 
     With blocks the coefficient kernel serves and an entry-major series, the kernel writes
     both layouts in one pass; otherwise the GEMM's operand is a permuted copy (0.5 ms of
@@ -231,11 +241,14 @@ def poly_series_forward(
         else:
             flat = _kernels._fresh(coefficients, terms, hm, s, s)
             flat.copy_(blocks.permute(2, 0, 1, 3))
+    shape = (s, s, hm, count) if entry_major else (count, hm, s, s)
+    if series_buffer is None:
+        series = _kernels._fresh(coefficients, *shape)
+    else:
+        series = series_buffer[: math.prod(shape)].view(shape)
     if entry_major:  # (s*s*hm, T) @ (T, N) -> (s, s, hm, N)
-        series = _kernels._fresh(coefficients, s, s, hm, count)
         torch.mm(flat.view(-1, terms), weights.mT, out=series.view(-1, count))
     else:  # (N, T) @ (T, hm*s*s) -> (N, hm, s, s)
-        series = _kernels._fresh(coefficients, count, hm, s, s)
         torch.mm(weights, flat.view(terms, -1), out=series.view(count, -1))
     return series, coefficients, flat
 

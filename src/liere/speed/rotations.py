@@ -6,7 +6,8 @@ Part of the speed layer (``liere.speed``); the definition is ``liere.definition`
 from __future__ import annotations
 
 import math
-from typing import Optional
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -31,6 +32,7 @@ from .polynomial import (
     poly_series,
     poly_series_backward,
     poly_series_forward,
+    poly_terms,
     poly_weights,
     stack_axes,
     uses_polynomial,
@@ -204,20 +206,163 @@ def _series_inputs(
     return weights, (bases * 2.0**-e if e else bases), e
 
 
+# Note [series kept for the backward operator]
+# ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+# In a compiled graph the rotations' forward and backward are two operators (Note [registered
+# operators] in ``liere.ops``), and the backward (``bases_vjp``) used to recompute what the
+# eager path's autograd Functions keep: the spectral norms, the monomials, the coefficients
+# and the series GEMM (about 1.8 ms per call at ViT-S/16 with 8x8 blocks, by ``cProfile``).
+# For one or two axes ``rotations_keeping_series`` returns them beside the rotations
+# (``KeptSeries``), in buffers whose sizes follow from the input shapes alone, as a fake
+# implementation needs: the directly computed tokens, which the ray plan picks by value, fill
+# the leading rows, and the backward finds how many from the same plan. Where the forward
+# did not run this way (NaN/Inf, re-orthogonalised blocks, more squarings than the kernels
+# take) it returns the plain fast path's rotations with NaN norms, and the backward
+# recomputes as before.
+
+
+class KeptSeries(NamedTuple):
+    """What the forward operator keeps for ``bases_vjp`` (Note [series kept for the backward
+    operator])."""
+
+    sigma: Tensor  # (h, a, m) spectral norms of the bases; NaN: nothing kept
+    weights: Tensor  # (n, T): the directly computed tokens' monomials in the leading rows
+    coefficients: Tensor  # (h*m, s, T*s)
+    series: Tensor  # (n*h*m*s*s,): their series, in the squarings' layout, leading entries
+
+
+def kept_series_shapes(
+    positions_shape: Sequence[int], bases_shape: Sequence[int], dtype: torch.dtype
+) -> tuple[tuple[int, ...], ...]:
+    """The shapes of ``KeptSeries``' tensors for these inputs (``keeps_series`` cases)."""
+    h, a, m, s, _ = bases_shape
+    n = positions_shape[0]
+    terms = poly_terms(POLY[dtype][0], a)
+    return ((h, a, m), (n, terms), (h * m, s, terms * s), (n * h * m * s * s,))
+
+
+def keeps_series(positions: Tensor, bases: Tensor) -> bool:
+    """Whether ``rotations_keeping_series`` serves these inputs, from shapes, dtypes and
+    devices alone (so a tracer can decide): shared CPU positions of one or two axes, more than
+    ``FEW_TOKENS`` tokens, blocks the kernels take. (Without the kernels built it returns the
+    rotations and keeps nothing.)"""
+    size = bases.shape[-1]
+    return (
+        positions.dim() == 2
+        and bases.dim() == 5
+        and positions.shape[0] > FEW_TOKENS
+        and size > 2
+        and size in _kernels.SIZES
+        and size in _kernels.RAY_SIZES
+        and positions.dtype == bases.dtype
+        and uses_polynomial(bases.dtype, bases.shape[1])
+        and positions.device.type == "cpu"
+        and bases.device.type == "cpu"
+    )
+
+
+@torch.no_grad()
+def rotations_keeping_series(
+    positions: Tensor, bases: Tensor, reorthogonalize_above: Optional[float]
+) -> tuple[Tensor, KeptSeries]:
+    """``lie_rotations(positions, bases)`` without autograd, and what ``bases_vjp`` needs
+    (Note [series kept for the backward operator]). For ``keeps_series`` inputs.
+
+    Shape:
+        positions ``(n, a)``; bases ``(h, a, m, s, s)`` -> ``(h, n, m, s, s)`` and
+        ``kept_series_shapes``
+    """
+    shapes = kept_series_shapes(positions.shape, bases.shape, bases.dtype)
+    weights_shape, series_shape = shapes[1], shapes[3]
+    usable = _kernels.usable(bases, positions, size=bases.shape[-1])
+    sigma = spectral_norms(bases) if usable and bool(torch.isfinite(bases).all()) else None
+    step = None if sigma is None else _direct_plan(positions, bases, sigma, reorthogonalize_above)
+    if sigma is None or step is None:
+        rot = lie_rotations(positions, bases, reorthogonalize_above=reorthogonalize_above)
+        return rot, kept_nothing(positions.shape, bases)
+    plan, direct_positions, direct_bound, norm = step
+    _warn_if_inaccurate(norm, bases.dtype)
+    h, a, m, size, _ = bases.shape
+    degree = POLY[bases.dtype][0]
+    entry_major = size <= ENTRY_MAJOR_MAX_BLOCK
+    layout = "entry" if entry_major else "batch"
+    js = _direct_squarings(direct_bound, bases.dtype)
+    weights, scaled, _ = _series_inputs(direct_positions, js, bases, sigma, degree)
+    # the rows past the directly computed tokens' are zeros: an operator's outputs are
+    # determined by its inputs
+    kept_weights = bases.new_zeros(weights_shape)
+    kept_weights[: weights.shape[0]] = weights
+    series_buffer = bases.new_empty(series_shape)
+    series, coefficients, _ = poly_series_forward(
+        stack_axes(scaled), weights, degree, entry_major, series_buffer
+    )
+    series_buffer[series.numel() :].zero_()
+    js32 = js.to(torch.int32)
+    with torch.no_grad():
+        if plan is None:
+            rot = _kernels.squarings_forward(series, js32, h, m, layout)
+        else:
+            rot = KernelRotations.apply(series, js32, h, m, layout, plan)
+    return rot, KeptSeries(sigma, kept_weights, coefficients, series_buffer)
+
+
+def kept_nothing(positions_shape: Sequence[int], bases: Tensor) -> KeptSeries:
+    """``KeptSeries`` that says nothing was kept: NaN norms, zeros."""
+    shapes = kept_series_shapes(positions_shape, bases.shape, bases.dtype)
+    sigma = bases.new_full(shapes[0], math.nan)
+    return KeptSeries(sigma, *(bases.new_zeros(shape) for shape in shapes[1:]))
+
+
+def _direct_plan(
+    positions: Tensor, bases: Tensor, sigma: Tensor, reorthogonalize_above: Optional[float]
+) -> Optional[tuple[Optional[RayPlan], Tensor, Tensor, float]]:
+    """The fast path's plan on the kernels for shared positions, as ``_fast_rotations`` makes
+    it: the ray plan, the directly computed tokens' positions and norm bounds ``(h, N, m)``,
+    and the largest bound. ``None`` where the kernels would not run it (NaN/Inf, blocks to
+    re-orthogonalise, more squarings than the kernels take, products along rays the kernels
+    do not serve)."""
+    size = bases.shape[-1]
+    bound = torch.matmul(positions.abs().unsqueeze(-3), sigma)  # (h, n, m)
+    norm = float(bound.amax())
+    if not math.isfinite(norm):
+        return None
+    if bases.dtype == torch.float32 and reorthogonalize_above is not None:
+        if norm > reorthogonalize_above:
+            return None
+    poly = uses_polynomial(bases.dtype, bases.shape[1])
+    theta = POLY[bases.dtype][1] if poly else TAYLOR[bases.dtype][2]
+    plan = _rays.ray_plan(positions, token_squarings(bound.amax(dim=(-3, -1)), theta))
+    if plan is None:
+        direct_positions, direct_bound = positions, bound
+    elif _kernels.usable(bases, size=size, sizes=_kernels.RAY_SIZES):
+        direct_positions, direct_bound = positions[plan.base], bound[:, plan.base]
+    else:
+        return None
+    if poly and int(_direct_squarings(direct_bound, bases.dtype).max()) > _kernels.MAX_SQUARINGS:
+        return None
+    return plan, direct_positions, direct_bound, norm
+
+
+def _direct_squarings(bound: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per-token squaring counts of the series path from bounds ``(h, N, m)``."""
+    return token_squarings(bound.amax(dim=(-3, -1)), POLY[dtype][1])
+
+
 def bases_vjp(
     grad: Tensor,
     positions: Tensor,
     bases: Tensor,
     rotations: Tensor,
     reorthogonalize_above: Optional[float],
+    kept: Optional[KeptSeries] = None,
 ) -> Optional[Tensor]:
     """The gradient of ``rotations = lie_rotations(positions, bases)`` with respect to the
     bases, computed without autograd from the forward's output, for the registered backward
     operator (whose implementation cannot record an autograd graph: Note [registered
-    operators] in ``liere.ops``). It recomputes the series (one GEMM of the position
-    polynomial, or Paterson-Stockmeyer with three axes) and runs the hand-written backwards
-    in turn: products along rays, squarings, series, coefficients. The squarings and products
-    are never run forward again.
+    operators] in ``liere.ops``). It runs the hand-written backwards in turn: products along
+    rays, squarings, series, coefficients. The squarings and products are never run forward
+    again; the series is recomputed (one GEMM of the position polynomial, or Paterson-Stockmeyer
+    with three axes) unless ``kept`` holds it (Note [series kept for the backward operator]).
 
     Covers the fast path whenever it runs on the compiled kernels: shared CPU positions, more
     than ``FEW_TOKENS`` tokens, nothing re-orthogonalised; one or two axes, or three with
@@ -228,8 +373,7 @@ def bases_vjp(
         -> ``(h, a, m, s, s)``
     """
     size = bases.shape[-1]
-    h, a, m = bases.shape[:3]
-    poly = uses_polynomial(bases.dtype, a)
+    poly = uses_polynomial(bases.dtype, bases.shape[1])
     if (
         positions.dim() != 2
         or positions.shape[0] <= FEW_TOKENS
@@ -240,48 +384,52 @@ def bases_vjp(
         or not _kernels.usable(bases, positions, rotations, size=size)
     ):
         return None
-    sigma = spectral_norms(bases)
-    bound = torch.matmul(positions.abs().unsqueeze(-3), sigma)  # (h, n, m)
-    norm = float(bound.amax())
-    if not math.isfinite(norm):
+    if kept is not None and (kept.sigma.dtype != bases.dtype or bool(kept.sigma.isnan().any())):
+        kept = None
+    sigma = spectral_norms(bases) if kept is None else kept.sigma
+    step = _direct_plan(positions, bases, sigma, reorthogonalize_above)
+    if step is None:
         return None
-    if bases.dtype == torch.float32 and reorthogonalize_above is not None:
-        if norm > reorthogonalize_above:
-            return None
-    # the same plan and squaring counts as the forward (``_fast_rotations``)
-    theta = POLY[bases.dtype][1] if poly else TAYLOR[bases.dtype][2]
-    plan = _rays.ray_plan(positions, token_squarings(bound.amax(dim=(-3, -1)), theta))
+    plan, direct_positions, direct_bound, _ = step
     if plan is None:
-        d_direct, direct_positions, direct_bound = grad.contiguous(), positions, bound
-    elif _kernels.usable(bases, size=size, sizes=_kernels.RAY_SIZES):
+        d_direct = grad.contiguous()
+    else:
         d_direct = _kernels.ray_products_backward(
             rotations, grad.contiguous(), plan.base, *plan.items
         )
-        direct_positions, direct_bound = positions[plan.base], bound[:, plan.base]
-    else:
-        return None
     if poly:
-        return _polynomial_bases_vjp(d_direct, direct_positions, direct_bound, bases, sigma)
+        return _polynomial_bases_vjp(d_direct, direct_positions, direct_bound, bases, sigma, kept)
     return _taylor_bases_vjp(d_direct, direct_positions, direct_bound, bases)
 
 
 def _polynomial_bases_vjp(
-    grad: Tensor, positions: Tensor, bound: Tensor, bases: Tensor, sigma: Tensor
-) -> Optional[Tensor]:
+    grad: Tensor,
+    positions: Tensor,
+    bound: Tensor,
+    bases: Tensor,
+    sigma: Tensor,
+    kept: Optional[KeptSeries],
+) -> Tensor:
     """``bases_vjp`` for the directly computed tokens with one or two axes: squarings, series
     product and coefficient recursion backwards (Note [series as a polynomial in the
-    positions])."""
+    positions]), the series from ``kept`` when given."""
     size = bases.shape[-1]
     h, a, m = bases.shape[:3]
-    degree, theta = POLY[bases.dtype]
-    js = token_squarings(bound.amax(dim=(-3, -1)), theta)
-    if int(js.max()) > _kernels.MAX_SQUARINGS:
-        return None
+    degree = POLY[bases.dtype][0]
+    js = _direct_squarings(bound, bases.dtype)
     entry_major = size <= ENTRY_MAJOR_MAX_BLOCK
     layout = "entry" if entry_major else "batch"
-    weights, scaled, e = _series_inputs(positions, js, bases, sigma, degree)
-    stacked = stack_axes(scaled)
-    series, coefficients, _ = poly_series_forward(stacked, weights, degree, entry_major)
+    count = positions.shape[0]
+    if kept is None:
+        weights, scaled, e = _series_inputs(positions, js, bases, sigma, degree)
+        stacked = stack_axes(scaled)
+        series, coefficients, _ = poly_series_forward(stacked, weights, degree, entry_major)
+    else:
+        e = math.frexp(float(sigma.amax()))[1] if sigma.numel() else 0
+        stacked = stack_axes(bases * 2.0**-e if e else bases)
+        weights, coefficients = kept.weights[:count], kept.coefficients
+        shape = (size, size, h * m, count) if entry_major else (count, h * m, size, size)
+        series = kept.series[: math.prod(shape)].view(shape)
     d_series = _kernels.squarings_backward(series, js.to(torch.int32), grad, h, m, layout)
     d_stacked = poly_series_backward(d_series, stacked, coefficients, weights, degree, entry_major)
     # undo stack_axes: (h*m, a*s, s) -> (h, a, m, s, s)
