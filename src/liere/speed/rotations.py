@@ -276,18 +276,17 @@ def rotations_keeping_series(
     weights_shape, series_shape = shapes[1], shapes[3]
     usable = _kernels.usable(bases, positions, size=bases.shape[-1])
     sigma = spectral_norms(bases) if usable and bool(torch.isfinite(bases).all()) else None
-    step = None if sigma is None else _direct_plan(positions, bases, sigma, reorthogonalize_above)
-    if sigma is None or step is None:
+    direct = None if sigma is None else _direct_plan(positions, bases, sigma, reorthogonalize_above)
+    if sigma is None or direct is None:
         rot = lie_rotations(positions, bases, reorthogonalize_above=reorthogonalize_above)
         return rot, kept_nothing(positions.shape, bases)
-    plan, direct_positions, direct_bound, norm = step
-    _warn_if_inaccurate(norm, bases.dtype)
+    _warn_if_inaccurate(direct.norm, bases.dtype)
     h, a, m, size, _ = bases.shape
     degree = POLY[bases.dtype][0]
     entry_major = size <= ENTRY_MAJOR_MAX_BLOCK
     layout = "entry" if entry_major else "batch"
-    js = _direct_squarings(direct_bound, bases.dtype)
-    weights, scaled, _ = _series_inputs(direct_positions, js, bases, sigma, degree)
+    plan, js = direct.plan, direct.js
+    weights, scaled, _ = _series_inputs(direct.positions, js, bases, sigma, degree)
     # the rows past the directly computed tokens' are zeros: an operator's outputs are
     # determined by its inputs
     kept_weights = bases.new_zeros(weights_shape)
@@ -313,17 +312,24 @@ def kept_nothing(positions_shape: Sequence[int], bases: Tensor) -> KeptSeries:
     return KeptSeries(sigma, *(bases.new_zeros(shape) for shape in shapes[1:]))
 
 
+class _DirectPlan(NamedTuple):
+    plan: Optional[RayPlan]
+    positions: Tensor  # (N, a): the directly computed tokens'
+    bound: Tensor  # (h, N, m): their per-block norm bounds
+    js: Tensor  # (N,): their squaring counts
+    norm: float  # the largest bound of all tokens
+
+
 def _direct_plan(
     positions: Tensor, bases: Tensor, sigma: Tensor, reorthogonalize_above: Optional[float]
-) -> Optional[tuple[Optional[RayPlan], Tensor, Tensor, float]]:
+) -> Optional[_DirectPlan]:
     """The fast path's plan on the kernels for shared positions, as ``_fast_rotations`` makes
-    it: the ray plan, the directly computed tokens' positions and norm bounds ``(h, N, m)``,
-    and the largest bound. ``None`` where the kernels would not run it (NaN/Inf, blocks to
-    re-orthogonalise, more squarings than the kernels take, products along rays the kernels
-    do not serve)."""
+    it. ``None`` where the kernels would not run it (NaN/Inf, blocks to re-orthogonalise, more
+    squarings than the kernels take, products along rays the kernels do not serve)."""
     size = bases.shape[-1]
     bound = torch.matmul(positions.abs().unsqueeze(-3), sigma)  # (h, n, m)
-    norm = float(bound.amax())
+    token_bound = bound.amax(dim=(-3, -1))
+    norm = float(token_bound.amax())
     if not math.isfinite(norm):
         return None
     if bases.dtype == torch.float32 and reorthogonalize_above is not None:
@@ -331,21 +337,15 @@ def _direct_plan(
             return None
     poly = uses_polynomial(bases.dtype, bases.shape[1])
     theta = POLY[bases.dtype][1] if poly else TAYLOR[bases.dtype][2]
-    plan = _rays.ray_plan(positions, token_squarings(bound.amax(dim=(-3, -1)), theta))
-    if plan is None:
-        direct_positions, direct_bound = positions, bound
-    elif _kernels.usable(bases, size=size, sizes=_kernels.RAY_SIZES):
-        direct_positions, direct_bound = positions[plan.base], bound[:, plan.base]
-    else:
+    js = token_squarings(token_bound, theta)
+    plan = _rays.ray_plan(positions, js)
+    if plan is not None:
+        if not _kernels.usable(bases, size=size, sizes=_kernels.RAY_SIZES):
+            return None
+        positions, bound, js = positions[plan.base], bound[:, plan.base], js[plan.base]
+    if poly and int(js.max()) > _kernels.MAX_SQUARINGS:
         return None
-    if poly and int(_direct_squarings(direct_bound, bases.dtype).max()) > _kernels.MAX_SQUARINGS:
-        return None
-    return plan, direct_positions, direct_bound, norm
-
-
-def _direct_squarings(bound: Tensor, dtype: torch.dtype) -> Tensor:
-    """Per-token squaring counts of the series path from bounds ``(h, N, m)``."""
-    return token_squarings(bound.amax(dim=(-3, -1)), POLY[dtype][1])
+    return _DirectPlan(plan, positions, bound, js, norm)
 
 
 def bases_vjp(
@@ -387,10 +387,10 @@ def bases_vjp(
     if kept is not None and (kept.sigma.dtype != bases.dtype or bool(kept.sigma.isnan().any())):
         kept = None
     sigma = spectral_norms(bases) if kept is None else kept.sigma
-    step = _direct_plan(positions, bases, sigma, reorthogonalize_above)
-    if step is None:
+    direct = _direct_plan(positions, bases, sigma, reorthogonalize_above)
+    if direct is None:
         return None
-    plan, direct_positions, direct_bound, _ = step
+    plan = direct.plan
     if plan is None:
         d_direct = grad.contiguous()
     else:
@@ -398,17 +398,12 @@ def bases_vjp(
             rotations, grad.contiguous(), plan.base, *plan.items
         )
     if poly:
-        return _polynomial_bases_vjp(d_direct, direct_positions, direct_bound, bases, sigma, kept)
-    return _taylor_bases_vjp(d_direct, direct_positions, direct_bound, bases)
+        return _polynomial_bases_vjp(d_direct, direct, bases, sigma, kept)
+    return _taylor_bases_vjp(d_direct, direct.positions, direct.bound, bases)
 
 
 def _polynomial_bases_vjp(
-    grad: Tensor,
-    positions: Tensor,
-    bound: Tensor,
-    bases: Tensor,
-    sigma: Tensor,
-    kept: Optional[KeptSeries],
+    grad: Tensor, direct: _DirectPlan, bases: Tensor, sigma: Tensor, kept: Optional[KeptSeries]
 ) -> Tensor:
     """``bases_vjp`` for the directly computed tokens with one or two axes: squarings, series
     product and coefficient recursion backwards (Note [series as a polynomial in the
@@ -416,7 +411,7 @@ def _polynomial_bases_vjp(
     size = bases.shape[-1]
     h, a, m = bases.shape[:3]
     degree = POLY[bases.dtype][0]
-    js = _direct_squarings(bound, bases.dtype)
+    positions, js = direct.positions, direct.js
     entry_major = size <= ENTRY_MAJOR_MAX_BLOCK
     layout = "entry" if entry_major else "batch"
     count = positions.shape[0]
