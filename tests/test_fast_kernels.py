@@ -229,6 +229,26 @@ def test_polynomial_series_equals_the_taylor_series(axes):
     torch.testing.assert_close(series, expected, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("axes", [1, 2])
+def test_poly_weights_are_the_monomials_over_factorials(axes, dtype):
+    # p_0^i p_1^(k-i) / k! ordered by degree k, then i, up to float64's degree 24
+    positions = (randn(6, axes, seed=3) * 1.5).to(dtype)
+    for degree in (0, 1, 14, 24):
+        exps = [(i, k - i, k) for k in range(degree + 1) for i in range(k + 1)]
+        if axes == 1:
+            exps = [(k, 0, k) for k in range(degree + 1)]
+        columns = []
+        for e0, e1, k in exps:
+            monomial = positions[:, 0] ** e0 * (positions[:, 1] ** e1 if axes == 2 else 1)
+            columns.append(monomial * (1.0 / math.factorial(k)))
+        expected = torch.stack(columns, dim=-1)
+        got = polynomial.poly_weights(positions, degree)
+        assert got.shape == (6, polynomial.poly_terms(degree, axes))
+        tol = 1e-6 if dtype == torch.float32 else 1e-13
+        torch.testing.assert_close(got, expected, rtol=tol, atol=0)
+
+
 @pytest.mark.parametrize("axes", [1, 2])
 def test_coefficient_recursion_backward_matches_autograd(axes, both_paths):
     # PolyCoefficients' hand-written backward against autograd through the plain recursion

@@ -356,7 +356,9 @@ def _series_product_coefficients_grad(
 
 def poly_weights(positions: Tensor, degree: int) -> Tensor:
     """Monomials ``p^e / |e|!`` in the order of ``poly_coefficients`` (powers by a cumulative
-    product, so gradients stay finite at p = 0; a handful of ops whatever the degree).
+    product, so gradients stay finite at p = 0; a handful of ops whatever the degree): degree
+    ``k``, then the power ``i`` of the first axis, ``p_0^i p_1^(k-i)``, which is the order of
+    ``torch.tril_indices`` (row ``k``, column ``i``).
 
     Shape:
         positions ``(N, a)``, a <= 2 -> ``(N, T)``
@@ -364,22 +366,15 @@ def poly_weights(positions: Tensor, degree: int) -> Tensor:
     n, a = positions.shape
     ones = positions.new_ones(n, a, 1)
     powers = torch.cat((ones, positions.unsqueeze(-1).expand(n, a, degree)), dim=-1).cumprod(-1)
-    first, second, scale = _monomial_table(degree, a, positions.device, positions.dtype)
+    # 1/k! from float64 factorials (exact to degree 18, correctly rounded beyond; the same
+    # float32 and float64 values as 1.0 / math.factorial(k) to degree 24, checked in tests)
+    factorials = torch.arange(1, degree + 1, dtype=torch.float64, device=positions.device)
+    inverse = torch.cat((factorials.new_ones(1), factorials.cumprod(0).reciprocal()))
+    inverse = inverse.to(positions.dtype)
     if a == 1:
-        return powers[:, 0] * scale
-    return powers[:, 0, first] * powers[:, 1, second] * scale
-
-
-def _monomial_table(
-    degree: int, axes: int, device: torch.device, dtype: torch.dtype
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Powers of each axis and ``1/|e|!`` for every monomial, in ``poly_coefficients`` order
-    (degree ``k``, then the power ``i`` of the first axis: ``p_0^i p_1^(k-i)``)."""
-    if axes == 1:
-        exps = [(k, 0, k) for k in range(degree + 1)]
-    else:
-        exps = [(i, k - i, k) for k in range(degree + 1) for i in range(k + 1)]
-    first = torch.tensor([e[0] for e in exps], device=device)
-    second = torch.tensor([e[1] for e in exps], device=device)
-    scale = torch.tensor([1.0 / math.factorial(e[2]) for e in exps], device=device, dtype=dtype)
-    return first, second, scale
+        return powers[:, 0] * inverse
+    k, i = torch.tril_indices(degree + 1, degree + 1, device=positions.device)
+    # one gather of both axes' powers from the flat (n, 2 * (degree + 1)) table
+    picks = powers.reshape(n, -1).index_select(-1, torch.cat((i, k - i + degree + 1)))
+    terms = i.numel()
+    return picks[:, :terms] * picks[:, terms:] * inverse.index_select(0, k)
