@@ -52,6 +52,19 @@ def test_plan_splits_the_grid_tokens_that_are_multiples():
     assert [len(level[0]) for level in plan.levels] == [25, 22, 16, 15]
 
 
+def test_plan_lists_the_direct_tokens_most_squarings_first():
+    # the squarings kernel squares 16 tokens side by side: sorted, its groups square alike
+    torch.manual_seed(0)
+    positions = grid_positions(14, 14)
+    js = squarings(positions, LieRE(64, 2, num_heads=6, block_size=8).bases().detach())
+    plan = rays.build_ray_plan(positions, js)
+    assert plan is not None
+    base = plan.base.tolist()
+    keys = [(-int(js[t]), t) for t in base]  # count descending, then token order
+    assert keys == sorted(keys)
+    assert sorted(base + plan.items[0].tolist()) == list(range(196))
+
+
 @given(
     rows=st.integers(1, 9),
     cols=st.integers(1, 9),
