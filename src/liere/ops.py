@@ -10,16 +10,17 @@ their fake implementations, and at run time their real implementations run the e
 path, where values, kernels and the matmul-precision flags (Note [matmul precision]) can be
 read.
 
-=====================================  =============================================
-op                                     computes
-=====================================  =============================================
+======================================  =============================================
+op                                      computes
+======================================  =============================================
 ``liere::lie_rotations``               ``exp(sum_a p_a B_a)`` per token and block
-``liere::lie_rotations_backward``      its vector-Jacobian product
+``liere::lie_rotations_keeping_series`` the same, and what its backward would recompute
+``liere::lie_rotations_backward``      their vector-Jacobian product
 ``liere::apply_blockwise``             ``R @ x`` per token and block
 ``liere::apply_blockwise_backward``    its vector-Jacobian product
 ``liere::apply_blockwise_pair``        both of q and k, prefix tokens left unrotated
 ``liere::apply_blockwise_pair_backward`` its vector-Jacobian product
-=====================================  =============================================
+======================================  =============================================
 
 The backward ops compute their vector-Jacobian products without a recompute where the fast
 path's hand-written backwards cover the case: ``liere::apply_blockwise_pair_backward`` runs
@@ -29,7 +30,12 @@ the CPU fast path ran on its kernels (shared positions; one or two axes, or thre
 up to 8x8): it takes the forward's output, recomputes the series and runs the kernels'
 backwards and the series', never the squarings or products forward. Measured at ViT-S/16,
 batch 8: the rotations' backward operator went from 18 ms (always a recompute) to 7 ms
-(``benchmarks/bench_ops.py``, ``docs/performance.md``).
+(``benchmarks/bench_ops.py``, ``docs/performance.md``). A traced training graph with shared
+CPU positions of one or two axes holds ``liere::lie_rotations_keeping_series`` instead: it
+also returns the spectral norms, monomials, coefficients and series (sizes from the input
+shapes alone), and the backward operator reads them (its ``kept`` argument) instead of
+recomputing them (Note [series kept for the backward operator] in
+``liere.speed.rotations``): 4.9 -> 3.3 ms for that operator at ViT-S/16, batch 8.
 
 Elsewhere they differentiate a recompute. An op's implementation runs below the autograd
 dispatch key, where ``torch.autograd`` records nothing. ``torch.func.vjp`` does its own
@@ -596,11 +602,15 @@ def block_rotations(
 
 def _keeps_series(positions: Tensor, bases: Tensor) -> bool:
     """Whether a traced graph should hold ``liere::lie_rotations_keeping_series``: its inputs,
-    and only the bases needing a gradient (the backward then reads what it kept)."""
+    and only the bases needing a gradient (the backward then reads what it kept); never an
+    exported graph (``torch.export`` traces for inference: the kept tensors would only be
+    extra outputs)."""
+    exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.4
     return (
         torch.is_grad_enabled()
         and bases.requires_grad
         and not positions.requires_grad
+        and not (exporting is not None and exporting())
         and keeps_series(positions, bases)
     )
 
