@@ -9,6 +9,7 @@ thread settings and OpenMP's environment apply from the start:
     busy             the load, default settings
     busy-passive     the load, OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep, not spin)
     busy-1-thread    the load, torch.set_num_threads(1)
+    busy-kernels-1-thread  the load, liere's kernels on one thread (LIERE_KERNEL_THREADS=1)
 
     python benchmarks/contention.py --batch 8
 
@@ -60,6 +61,7 @@ CONFIGS = {
     "busy": ({}, 0, True),
     "busy-passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, 0, True),
     "busy-1-thread": ({}, 1, True),
+    "busy-kernels-1-thread": ({"LIERE_KERNEL_THREADS": "1"}, 0, True),
 }
 
 
