@@ -87,7 +87,7 @@ def test_extra_repr(name):
 
 @pytest.mark.parametrize("enc_name", ["liere8", "liere2", "axial"])
 def test_compile_fullgraph_training_and_no_grad(enc_name):
-    torch._dynamo.reset()
+    torch.compiler.reset()
     torch.manual_seed(0)
     attn = RotaryAttention(32, 2, pos_enc=FACTORIES[enc_name](), num_prefix_tokens=1)
     x = randn(2, 5, 32, seed=1)

@@ -329,20 +329,31 @@ def test_complex_rope_matches_the_definition_values_and_grads(per_sample):
 
 
 def test_backward_op_works_from_inside_a_recompute_and_reraises_errors():
-    # a backward op called on liere's autograd worker (nested) must not wait on itself
-    from liere import ops
+    # Note [registered operators]: the backward op's recompute (here: position gradients)
+    # runs on liere's autograd worker, a thread named liere-autograd*; called on such a thread
+    # (a recompute inside a recompute) it runs the recompute on a helper thread instead of
+    # queueing behind itself. Called from a thread of that name, it takes that branch: the
+    # same gradients
+    import threading
 
     positions, bases = grid_positions(3, 3), _bases(8)
     rot = OPS.lie_rotations(positions, bases, None, True)
     grad = torch.randn_like(rot)
-    expected = OPS.lie_rotations_backward(grad, positions, bases, rot, None, True, False, [])
-    nested = ops._with_autograd(
-        lambda: OPS.lie_rotations_backward(grad, positions, bases, rot, None, True, False, [])
+    args = (grad, positions, bases, rot, None, True, True, [])
+    expected = OPS.lie_rotations_backward(*args)
+    nested: list = []
+    thread = threading.Thread(
+        target=lambda: nested.append(OPS.lie_rotations_backward(*args)), name="liere-autograd-0"
     )
-    for a, b in zip(nested, expected):
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive() and len(nested) == 1
+    for a, b in zip(nested[0], expected):
         torch.testing.assert_close(a, b)
-    with pytest.raises(ZeroDivisionError):
-        ops._with_autograd(lambda: 1 / 0)
+    bad = bases.clone()
+    bad[0, 0, 0, 0, 1] = float("nan")  # the recompute raises on the worker: re-raised here
+    with pytest.raises(ValueError, match="generators contain NaN or Inf"):
+        OPS.lie_rotations_backward(grad, positions, bad, rot, None, True, True, [])
 
 
 @pytest.mark.parametrize("prefix", [0, 1, 3])

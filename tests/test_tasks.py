@@ -56,18 +56,26 @@ def test_mnist_split_is_fixed_disjoint_and_stratified():
         mnist_digits("val")
 
 
+def _points_at(cell, direction, target):
+    """The task's rule, written out: the arrow at ``cell`` shares the target's row or column
+    and its step ``DIRECTIONS[direction]`` leads towards it."""
+    dr, dc = tasks.DIRECTIONS[direction]
+    rr, cc = target[0] - cell[0], target[1] - cell[1]
+    return (rr == 0 and dr == 0 and cc * dc > 0) or (cc == 0 and dc == 0 and rr * dr > 0)
+
+
 def _decode_board(image):
     """Map cell -> glyph name for a noise-free board."""
     grid = image.shape[-1] // GLYPH
     names = {}
-    arrows = {tuple(a.flatten()): d for d, a in enumerate(tasks._ARROWS)}
+    arrows = {tuple(a.flatten()): d for d, a in enumerate(tasks.ARROW_GLYPHS)}
     for r in range(grid):
         for c in range(grid):
             cell = image[r * GLYPH : (r + 1) * GLYPH, c * GLYPH : (c + 1) * GLYPH].numpy()
             key = tuple(cell.flatten())
             if key in arrows:
                 names[(r, c)] = ("arrow", arrows[key])
-            elif np.array_equal(cell, tasks._TARGET):
+            elif np.array_equal(cell, tasks.TARGET_GLYPH):
                 names[(r, c)] = ("target", None)
             elif cell.any():
                 names[(r, c)] = ("letter", None)
@@ -84,7 +92,7 @@ def test_spatial_label_is_quadrant_of_the_only_arrow_pointing_at_target(grid):
         pointing = [
             cell
             for cell, (kind, d) in board.items()
-            if kind == "arrow" and tasks._points_at(cell, d, target)
+            if kind == "arrow" and _points_at(cell, d, target)
         ]
         assert len(pointing) == 1
         (r, c), half = pointing[0], grid // 2

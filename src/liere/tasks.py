@@ -34,6 +34,10 @@ __all__ = [
     "resize",
     "shuffle_patches",
     "balanced_labels",
+    "GLYPH",
+    "ARROW_GLYPHS",
+    "TARGET_GLYPH",
+    "DIRECTIONS",
 ]
 
 
@@ -164,14 +168,17 @@ _LETTERS = [
         dtype=np.float32,
     ),
 ]
-# direction index -> (d_row, d_col) and glyph; 0 right, 1 up, 2 left, 3 down
-_DIRECTIONS = [(0, 1), (-1, 0), (0, -1), (1, 0)]
-_ARROWS = [np.rot90(_ARROW_RIGHT, k).copy() for k in range(4)]
+# the glyphs ``arrow_spatial`` draws, public so that boards can be read back (its tests decode
+# every example): a direction index is 0 right, 1 up, 2 left, 3 down, with its (d_row, d_col)
+# step in DIRECTIONS and its arrow in ARROW_GLYPHS; every glyph is GLYPH x GLYPH pixels
+DIRECTIONS: tuple[tuple[int, int], ...] = ((0, 1), (-1, 0), (0, -1), (1, 0))
+ARROW_GLYPHS: tuple[np.ndarray, ...] = tuple(np.rot90(_ARROW_RIGHT, k).copy() for k in range(4))
+TARGET_GLYPH: np.ndarray = _TARGET
 GLYPH = 5
 
 
 def _points_at(arrow: tuple[int, int], direction: int, target: tuple[int, int]) -> bool:
-    dr, dc = _DIRECTIONS[direction]
+    dr, dc = DIRECTIONS[direction]
     rr, cc = target[0] - arrow[0], target[1] - arrow[1]
     if dr == 0:
         return rr == 0 and cc * dc > 0
@@ -255,7 +262,7 @@ def arrow_spatial(
                 target = (int(rng.integers(grid)), arrow[1])
             if target != arrow:
                 break
-        board[arrow] = _ARROWS[_direction_towards(arrow, target)]
+        board[arrow] = ARROW_GLYPHS[_direction_towards(arrow, target)]
         board[target] = _TARGET
         placed = 0
         while placed < distractor_arrows:
@@ -263,7 +270,7 @@ def arrow_spatial(
             direction = int(rng.integers(4))
             if cell in board or _points_at(cell, direction, target):
                 continue
-            board[cell] = _ARROWS[direction]
+            board[cell] = ARROW_GLYPHS[direction]
             placed += 1
         _add_letters(board, letters, grid, rng)
         _draw(images[i], board)
@@ -323,7 +330,7 @@ def relative_direction(
     for i, direction in enumerate(labels):
         main = int(rng.integers(1, max_offset + 1))
         side = int(rng.integers(-(main - 1), main))  # |side| < main
-        dr, dc = _DIRECTIONS[direction]
+        dr, dc = DIRECTIONS[direction]
         offset = (dr * main + (side if dr == 0 else 0), dc * main + (side if dc == 0 else 0))
         rows = range(max(0, -offset[0]), min(grid, grid - offset[0]))
         cols = range(max(0, -offset[1]), min(grid, grid - offset[1]))
@@ -373,7 +380,7 @@ def moving_digits(
         travel = speed * (frames - 1)
         if travel > room:
             speed, travel = 1, frames - 1
-        dr, dc = _DIRECTIONS[direction]
+        dr, dc = DIRECTIONS[direction]
         start = []
         for d in (dr, dc):
             if d > 0:
