@@ -323,3 +323,60 @@ def test_kernel_squarings_write_and_read_given_rows(size):
     d_rows = K.squarings_backward(series, js, grad, h, m, "batch", rows=rows)
     d_plain = K.squarings_backward(series, js, grad[:, rows].contiguous(), h, m, "batch")
     torch.testing.assert_close(d_rows, d_plain)
+
+
+@pytest.mark.skipif(not K.available(), reason="compiled kernels unavailable")
+@pytest.mark.parametrize(
+    "size, dtype, layout",
+    [(4, torch.float32, "entry"), (8, torch.float64, "entry"), (16, torch.float32, "batch"),
+     (64, torch.float32, "batch")],
+)  # fmt: skip
+def test_fused_rotations_kernel_is_the_squarings_then_the_rays(size, dtype, layout):
+    # one parallel region each way (kernels.rotations_forward / rotations_backward): the same
+    # products as the two kernels in turn, so the same bits
+    torch.manual_seed(0)
+    positions = grid_positions(9, 9).to(dtype)
+    bases = dense_bases(heads=3, blocks=2, size=size, dtype=dtype)
+    js_all = squarings(positions, bases)
+    plan = rays.build_ray_plan(positions, js_all)
+    assert plan is not None
+    h, m, nb = 3, 2, plan.base.shape[0]
+    js = js_all[plan.base].to(torch.int32)
+    blocks = randn(nb, h * m, size, size, seed=3, dtype=dtype) * 0.2
+    series = blocks - blocks.mT
+    if layout == "entry":
+        series = series.permute(2, 3, 1, 0).contiguous()  # (s, s, hm, nb)
+    separate = torch.empty(h, plan.n, m, size, size, dtype=dtype)
+    K.squarings_forward(series, js, h, m, layout, out=separate, rows=plan.base)
+    K.ray_products_forward(separate, *plan.items)
+    fused = torch.empty_like(separate)
+    K.rotations_forward(series, js, h, m, layout, fused, plan.base, *plan.items)
+    assert torch.equal(fused, separate)
+    grad = randn(*separate.shape, seed=4, dtype=dtype)
+    d_base = K.ray_products_backward(separate, grad, plan.base, *plan.items)
+    expected = K.squarings_backward(series, js, d_base, h, m, layout)
+    got = K.rotations_backward(series, js, separate, grad, plan.base, *plan.items, h, m, layout)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.skipif(not K.available(), reason="compiled kernels unavailable")
+def test_fused_rotations_kernel_checks_its_arguments():
+    h, m, s, n = 1, 1, 8, 4
+    series = torch.zeros(2, h * m, s, s)
+    js = torch.ones(2, dtype=torch.int32)
+    out = torch.zeros(h, n, m, s, s)
+    base, items = (
+        torch.tensor([0, 1]),
+        (torch.tensor([2, 3]), torch.tensor([1, 1]), torch.tensor([1, 2])),
+    )
+    K.rotations_forward(series, js, h, m, "batch", out, base, *items)  # fine
+    with pytest.raises(ValueError, match="base must be a 1-D int64 tensor"):
+        K.rotations_forward(series, js, h, m, "batch", out, None, *items)
+    with pytest.raises(ValueError, match=r"rows must lie in \[0, 3\]"):
+        K.rotations_forward(series, js, h, m, "batch", out, torch.tensor([0, 4]), *items)
+    with pytest.raises(ValueError, match=r"dst must lie in \[0, 3\]"):
+        K.rotations_forward(series, js, h, m, "batch", out, base, torch.tensor([2, 9]), *items[1:])
+    with pytest.raises(ValueError, match="grad must"):
+        K.rotations_backward(series, js, out, out[:, :2], base, *items, h, m, "batch")
+    with pytest.raises(ValueError, match="series has"):
+        K.rotations_backward(series[:1], js, out, out, base, *items, h, m, "batch")

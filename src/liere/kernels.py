@@ -152,6 +152,10 @@ _SQUARINGS = _read_source("squarings.c.in")
 # of NC 64-byte vectors of accumulators), each matrix squared in L1/L2 and written once.
 _SQUARINGS_LARGE = _read_source("squarings_large.c.in")
 
+# The squarings and the products along rays in one parallel region, one instance per (real
+# type, block size S); after both.
+_ROTATIONS = _read_source("rotations.c.in")
+
 # The blockwise application, one instance per (real type, block size S).
 _APPLY = _read_source("apply.c.in")
 
@@ -193,6 +197,7 @@ def _source() -> str:
         parts += [_instance(small, real, size) for size in SIZES if size <= 16]
         parts += [_instance(large, real, size) for size in SIZES if size > 16]
         parts += [_instance(_RAYS, real, size) for size in RAY_SIZES]
+        parts += [_instance(_ROTATIONS, real, size) for size in SIZES if size in RAY_SIZES]
         parts += [_instance(_APPLY, real, size) for size in APPLY_SIZES]
         parts += [_instance(_POLY_SOURCE, real, size) for size in POLY_SIZES]
         parts.append(_instance(_ROPE, real, 2))
@@ -481,6 +486,8 @@ def _fn(kind: str, dtype: torch.dtype, size: int) -> ctypes._CFuncPtr:  # type: 
             fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i, i]
         elif kind == "rays":
             fn.argtypes = [p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i]
+        elif kind == "rotations":
+            fn.argtypes = [p, p, p, p, p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i, i]
         elif kind == "poly":
             fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i, i, i]
         elif kind == "rope":
@@ -820,6 +827,77 @@ def ray_products_backward(
         base.shape[0], _ptr(dst), _ptr(left), _ptr(right), dst.shape[0], h, n, m, _threads(),
     )  # fmt: skip
     return d_base
+
+
+def rotations_forward(
+    series: Tensor,
+    squarings: Tensor,
+    h: int,
+    m: int,
+    layout: str,
+    out: Tensor,
+    base: Tensor,
+    dst: Tensor,
+    left: Tensor,
+    right: Tensor,
+) -> None:
+    """``squarings_forward(series, squarings, h, m, layout, out=out, rows=base)`` then
+    ``ray_products_forward(out, dst, left, right)``, in one parallel region (Note [products
+    along rays] in ``liere.speed.rays``): the same products, the same bits.
+
+    Shape:
+        series contiguous in ``layout`` with ``nb`` tokens; squarings ``(nb,)`` int32; out
+        ``(h, n, m, s, s)`` contiguous; base ``(nb,)``, dst, left, right ``(L,)`` int64
+    """
+    if not isinstance(base, Tensor):
+        _fail("base must be a 1-D int64 tensor of token indices.")
+    s, nb = _check_series(series, squarings, h, m, layout)
+    _check_token_rows("out", out, series.dtype, (h, m, s), nb, base)
+    _check_rays(out, dst, left, right)
+    strides = (ctypes.c_int64 * 4)(*_series_strides(layout, s, h, m, nb))
+    _run(
+        "rotations", series.dtype, s, _ptr(series), strides, _ptr(squarings), _ptr(out), None,
+        None, None, _ptr(base), nb, _ptr(dst), _ptr(left), _ptr(right), dst.shape[0], h, m,
+        out.shape[1], 0, _threads(),
+    )  # fmt: skip
+
+
+def rotations_backward(
+    series: Tensor,
+    squarings: Tensor,
+    rotations: Tensor,
+    grad: Tensor,
+    base: Tensor,
+    dst: Tensor,
+    left: Tensor,
+    right: Tensor,
+    h: int,
+    m: int,
+    layout: str,
+) -> Tensor:
+    """``squarings_backward(series, squarings, ray_products_backward(rotations, grad, base,
+    dst, left, right), h, m, layout)`` in one parallel region: ``dL/dT`` of the directly
+    computed tokens' series from ``dL/dR`` of every token, laid out like ``series``.
+
+    Shape:
+        series with ``nb`` tokens; rotations, grad ``(h, n, m, s, s)`` contiguous; base
+        ``(nb,)`` -> as series
+    """
+    if not isinstance(base, Tensor):
+        _fail("base must be a 1-D int64 tensor of token indices.")
+    s, nb = _check_series(series, squarings, h, m, layout)
+    _check_token_rows("rotations", rotations, series.dtype, (h, m, s), nb, base)
+    _check_rays(rotations, dst, left, right)
+    _check_real("grad", grad, series.dtype, tuple(rotations.shape))
+    d_base = _fresh(grad, h, nb, m, s, s)
+    out = _fresh(series)
+    strides = (ctypes.c_int64 * 4)(*_series_strides(layout, s, h, m, nb))
+    _run(
+        "rotations", series.dtype, s, _ptr(series), strides, _ptr(squarings), _ptr(rotations),
+        _ptr(grad), _ptr(d_base), _ptr(out), _ptr(base), nb, _ptr(dst), _ptr(left),
+        _ptr(right), dst.shape[0], h, m, rotations.shape[1], 1, _threads(),
+    )  # fmt: skip
+    return out
 
 
 def main() -> int:

@@ -183,8 +183,9 @@ class RayProducts(torch.autograd.Function):
 
 class KernelRotations(torch.autograd.Function):
     """``KernelSquarings`` of the directly computed tokens, written straight into their rows,
-    then ``RayProducts``, both compiled (Note [products along rays]): the direct rotations
-    are never copied in or out of the full tensor, forward or backward."""
+    then ``RayProducts``, both compiled and in one parallel region each way
+    (``kernels.rotations_forward`` / ``rotations_backward``; Note [products along rays]): the
+    direct rotations are never copied in or out of the full tensor, forward or backward."""
 
     @staticmethod
     def forward(
@@ -192,8 +193,7 @@ class KernelRotations(torch.autograd.Function):
     ) -> Tensor:
         size = _kernels.block_size_of(series, layout)
         out = _kernels._fresh(series, h, plan.n, m, size, size)
-        _kernels.squarings_forward(series, js, h, m, layout, out=out, rows=plan.base)
-        _kernels.ray_products_forward(out, *plan.items)
+        _kernels.rotations_forward(series, js, h, m, layout, out, plan.base, *plan.items)
         ctx.save_for_backward(series, js, out)
         ctx.args = (h, m, layout, plan)
         return out
@@ -208,8 +208,10 @@ class KernelRotations(torch.autograd.Function):
                 ref = ray_products_plain(base, plan)
                 (d_series,) = torch.autograd.grad(ref, series, grad, create_graph=True)
             return d_series, None, None, None, None, None
-        d_base = _kernels.ray_products_backward(out, grad.contiguous(), plan.base, *plan.items)
-        d_series = _kernels.squarings_backward(series, js, d_base, h, m, layout)
+        dst, left, right = plan.items
+        d_series = _kernels.rotations_backward(
+            series, js, out, grad.contiguous(), plan.base, dst, left, right, h, m, layout
+        )
         return d_series, None, None, None, None, None
 
 

@@ -390,6 +390,8 @@ def bases_vjp(
     direct = _direct_plan(positions, bases, sigma, reorthogonalize_above)
     if direct is None:
         return None
+    if poly:  # the products along rays' backward inside the squarings' kernel call
+        return _polynomial_bases_vjp(grad.contiguous(), rotations, direct, bases, sigma, kept)
     plan = direct.plan
     if plan is None:
         d_direct = grad.contiguous()
@@ -397,17 +399,21 @@ def bases_vjp(
         d_direct = _kernels.ray_products_backward(
             rotations, grad.contiguous(), plan.base, *plan.items
         )
-    if poly:
-        return _polynomial_bases_vjp(d_direct, direct, bases, sigma, kept)
     return _taylor_bases_vjp(d_direct, direct.positions, direct.bound, bases)
 
 
 def _polynomial_bases_vjp(
-    grad: Tensor, direct: _DirectPlan, bases: Tensor, sigma: Tensor, kept: Optional[KeptSeries]
+    grad: Tensor,
+    rotations: Tensor,
+    direct: _DirectPlan,
+    bases: Tensor,
+    sigma: Tensor,
+    kept: Optional[KeptSeries],
 ) -> Tensor:
-    """``bases_vjp`` for the directly computed tokens with one or two axes: squarings, series
-    product and coefficient recursion backwards (Note [series as a polynomial in the
-    positions]), the series from ``kept`` when given."""
+    """``bases_vjp`` with one or two axes: products along rays (if any) and squarings in one
+    kernel call, then the series product and coefficient recursion backwards (Note [series as
+    a polynomial in the positions]), the series from ``kept`` when given. ``grad``: that of
+    every token (contiguous)."""
     size = bases.shape[-1]
     h, a, m = bases.shape[:3]
     degree = POLY[bases.dtype][0]
@@ -425,7 +431,14 @@ def _polynomial_bases_vjp(
         weights, coefficients = kept.weights[:count], kept.coefficients
         shape = (size, size, h * m, count) if entry_major else (count, h * m, size, size)
         series = kept.series[: math.prod(shape)].view(shape)
-    d_series = _kernels.squarings_backward(series, js.to(torch.int32), grad, h, m, layout)
+    js32, plan = js.to(torch.int32), direct.plan
+    if plan is None:
+        d_series = _kernels.squarings_backward(series, js32, grad, h, m, layout)
+    else:
+        dst, left, right = plan.items
+        d_series = _kernels.rotations_backward(
+            series, js32, rotations, grad, plan.base, dst, left, right, h, m, layout
+        )
     d_stacked = poly_series_backward(d_series, stacked, coefficients, weights, degree, entry_major)
     # undo stack_axes: (h*m, a*s, s) -> (h, a, m, s, s)
     d_scaled = d_stacked.view(h * m, a, size, size).transpose(0, 1).reshape(a, h, m, size, size)
