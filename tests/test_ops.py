@@ -402,22 +402,29 @@ _BACKWARD_CASES = {
 }
 
 
+def _backward_case(name, kernels_on, monkeypatch):
+    """Positions and bases of ``_BACKWARD_CASES[name]``, the kernels off unless ``kernels_on``."""
+    from conftest import kernels_unusable
+
+    from liere import kernels
+
+    if not kernels_on:
+        monkeypatch.setattr(kernels, "usable", kernels_unusable)
+    block, axes, make, dtype = _BACKWARD_CASES[name]
+    return make(), _bases(block, axes=axes).to(dtype)
+
+
 @pytest.mark.parametrize("kernels_on", [True, False], ids=["kernels", "no-kernels"])
 @pytest.mark.parametrize("name", list(_BACKWARD_CASES))
 def test_rotations_backward_op_equals_autograd(name, kernels_on, monkeypatch):
     import warnings
 
-    from conftest import kernels_unusable
-
     from liere import functional as F
     from liere import kernels
     from liere.speed.rotations import bases_vjp
 
-    if not kernels_on:
-        monkeypatch.setattr(kernels, "usable", kernels_unusable)
-    block, axes, make, dtype = _BACKWARD_CASES[name]
-    positions = make()
-    bases = _bases(block, axes=axes).to(dtype)
+    positions, bases = _backward_case(name, kernels_on, monkeypatch)
+    dtype = bases.dtype
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the large-norm case warns
         leaf = bases.clone().requires_grad_()
@@ -442,25 +449,26 @@ def test_rotations_backward_op_equals_autograd(name, kernels_on, monkeypatch):
         torch.testing.assert_close(direct, expected, atol=0, rtol=0)
 
 
-_KEEPING_CASES = [n for n in _BACKWARD_CASES if _BACKWARD_CASES[n][1] <= 2 and n != "per sample"]
+# the cases liere::lie_rotations_keeping_series takes: shared positions, one or two axes,
+# more than 8 tokens
+_KEEPING_CASES = [
+    n
+    for n, case in _BACKWARD_CASES.items()
+    if case[1] <= 2 and n not in ("per sample", "few tokens")
+]
 
 
 @pytest.mark.parametrize("kernels_on", [True, False], ids=["kernels", "no-kernels"])
-@pytest.mark.parametrize("name", [n for n in _KEEPING_CASES if n != "few tokens"])
+@pytest.mark.parametrize("name", _KEEPING_CASES)
 def test_forward_op_keeping_the_series_matches_the_plain_ops(name, kernels_on, monkeypatch):
     # Note [series kept for the backward operator]: the same rotations, bit for bit, and a
     # backward from what it kept equal to the backward that recomputes, bit for bit
     import warnings
 
-    from conftest import kernels_unusable
-
     from liere import kernels
 
-    if not kernels_on:
-        monkeypatch.setattr(kernels, "usable", kernels_unusable)
-    block, axes, make, dtype = _BACKWARD_CASES[name]
-    positions = make()
-    bases = _bases(block, axes=axes).to(dtype)
+    positions, bases = _backward_case(name, kernels_on, monkeypatch)
+    dtype = bases.dtype
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the large-norm case warns
         rot = OPS.lie_rotations(positions, bases, 1024.0, True)

@@ -291,15 +291,20 @@ def _(
     return positions.new_empty(positions.shape), bases.new_empty(bases.shape)
 
 
-def _rotations_setup(ctx: Any, inputs: tuple[object, ...], output: Tensor) -> None:
+def _rotations_setup(ctx: Any, inputs: tuple[object, ...], output: Any) -> None:
+    """Both forward ops': ``liere::lie_rotations``' rotations, or
+    ``liere::lie_rotations_keeping_series``' rotations and what they keep (no gradient)."""
     positions, bases, reorthogonalize_above, check_finite = inputs
-    ctx.save_for_backward(positions, bases, output)
+    outputs = tuple(output) if isinstance(output, (tuple, list)) else (output,)
+    ctx.save_for_backward(positions, bases, *outputs)
+    if len(outputs) > 1:
+        ctx.mark_non_differentiable(*outputs[1:])
     ctx.reorthogonalize_above = reorthogonalize_above
     ctx.check_finite = check_finite
 
 
-def _rotations_backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
-    positions, bases, rotations = ctx.saved_tensors
+def _rotations_backward(ctx: Any, grad: Tensor, *_kept_grads: Any) -> tuple[Optional[Tensor], ...]:
+    positions, bases, rotations, *kept = ctx.saved_tensors
     needs = ctx.needs_input_grad
     grad_p, grad_b = _lie_rotations_backward(
         grad.contiguous(),
@@ -309,7 +314,7 @@ def _rotations_backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
         ctx.reorthogonalize_above,
         ctx.check_finite,
         bool(needs[0]),
-        [],
+        kept,
     )
     return (grad_p if needs[0] else None, grad_b if needs[1] else None, None, None)
 
@@ -361,31 +366,7 @@ def _check_keeping_series(positions: Tensor, bases: Tensor) -> None:
         )
 
 
-def _keeping_setup(ctx: Any, inputs: tuple[object, ...], output: tuple[Tensor, ...]) -> None:
-    positions, bases, reorthogonalize_above, check_finite = inputs
-    ctx.save_for_backward(positions, bases, *output)
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.reorthogonalize_above = reorthogonalize_above
-    ctx.check_finite = check_finite
-
-
-def _keeping_backward(ctx: Any, grad: Tensor, *_kept_grads: Any) -> tuple[Optional[Tensor], ...]:
-    positions, bases, rotations, *kept = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    grad_p, grad_b = _lie_rotations_backward(
-        grad.contiguous(),
-        positions,
-        bases,
-        rotations,
-        ctx.reorthogonalize_above,
-        ctx.check_finite,
-        bool(needs[0]),
-        kept,
-    )
-    return (grad_p if needs[0] else None, grad_b if needs[1] else None, None, None)
-
-
-_lie_rotations_keeping_series.register_autograd(_keeping_backward, setup_context=_keeping_setup)
+_lie_rotations_keeping_series.register_autograd(_rotations_backward, setup_context=_rotations_setup)
 
 
 # -- blockwise application -----------------------------------------------------------------
