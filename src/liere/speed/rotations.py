@@ -211,7 +211,8 @@ def _series_inputs(
 # In a compiled graph the rotations' forward and backward are two operators (Note [registered
 # operators] in ``liere.ops``), and the backward (``bases_vjp``) used to recompute what the
 # eager path's autograd Functions keep: the spectral norms, the monomials, the coefficients
-# and the series GEMM (about 1.8 ms per call at ViT-S/16 with 8x8 blocks, by ``cProfile``).
+# and the series GEMM (about 1.8 ms per call at ViT-S/16 with 8x8 blocks, by ``cProfile``;
+# the operator took 4.8 ms recomputing them and 3.1 ms reading them, benchmarks/bench_ops.py).
 # For one or two axes ``rotations_keeping_series`` returns them beside the rotations
 # (``KeptSeries``), in buffers whose sizes follow from the input shapes alone, as a fake
 # implementation needs: the directly computed tokens, which the ray plan picks by value, fill
@@ -297,11 +298,11 @@ def rotations_keeping_series(
     )
     series_buffer[series.numel() :].zero_()
     js32 = js.to(torch.int32)
-    with torch.no_grad():
-        if plan is None:
-            rot = _kernels.squarings_forward(series, js32, h, m, layout)
-        else:
-            rot = KernelRotations.apply(series, js32, h, m, layout, plan)
+    if plan is None:
+        rot = _kernels.squarings_forward(series, js32, h, m, layout)
+    else:
+        rot = _kernels._fresh(series, h, plan.n, m, size, size)
+        _kernels.rotations_forward(series, js32, h, m, layout, rot, plan.base, *plan.items)
     return rot, KeptSeries(sigma, kept_weights, coefficients, series_buffer)
 
 
