@@ -10,22 +10,22 @@ their fake implementations, and at run time their real implementations run the e
 path, where values, kernels and the matmul-precision flags (Note [matmul precision]) can be
 read.
 
-======================================  =============================================
-op                                      computes
-======================================  =============================================
-``liere::lie_rotations``               ``exp(sum_a p_a B_a)`` per token and block
-``liere::lie_rotations_keeping_series`` the same, and what its backward would recompute
-``liere::lie_rotations_backward``      their vector-Jacobian product
-``liere::apply_blockwise``             ``R @ x`` per token and block
-``liere::apply_blockwise_backward``    its vector-Jacobian product
-``liere::apply_blockwise_pair``        both of q and k, prefix tokens left unrotated
-``liere::apply_blockwise_pair_backward`` its vector-Jacobian product
-======================================  =============================================
+========================================  ===========================================
+op                                        computes
+========================================  ===========================================
+``liere::lie_rotations``                  ``exp(sum_a p_a B_a)`` per token and block
+``liere::lie_rotations_keeping_series``   the same, and what its backward would recompute
+``liere::lie_rotations_backward``         their vector-Jacobian product
+``liere::apply_blockwise``                ``R @ x`` per token and block
+``liere::apply_blockwise_backward``       its vector-Jacobian product
+``liere::apply_blockwise_pair``           both of q and k, prefix tokens left unrotated
+``liere::apply_blockwise_pair_backward``  its vector-Jacobian product
+========================================  ===========================================
 
 The backward ops compute their vector-Jacobian products without a recompute where the fast
 path's hand-written backwards cover the case: ``liere::apply_blockwise_pair_backward`` runs
 ``blockwise_pair_backward`` (the compiled kernel or two batched products), and
-``liere::lie_rotations_backward`` runs ``bases_vjp`` when only the bases need a gradient and
+``liere::lie_rotations_backward``         runs ``bases_vjp`` when only the bases need a gradient and
 the CPU fast path ran on its kernels (shared positions; one or two axes, or three with blocks
 up to 8x8): it takes the forward's output, recomputes the series and runs the kernels'
 backwards and the series', never the squarings or products forward. Measured at ViT-S/16,
@@ -35,7 +35,7 @@ CPU positions of one or two axes holds ``liere::lie_rotations_keeping_series`` i
 also returns the spectral norms, monomials, coefficients and series (sizes from the input
 shapes alone), and the backward operator reads them (its ``kept`` argument) instead of
 recomputing them (Note [series kept for the backward operator] in
-``liere.speed.rotations``): 4.9 -> 3.3 ms for that operator at ViT-S/16, batch 8.
+``liere.speed.rotations``): 4.8 -> 3.1 ms for that operator at ViT-S/16, batch 8.
 
 Elsewhere they differentiate a recompute. An op's implementation runs below the autograd
 dispatch key, where ``torch.autograd`` records nothing. ``torch.func.vjp`` does its own

@@ -52,6 +52,12 @@ def uses_polynomial(dtype: torch.dtype, num_axes: int) -> bool:
     return dtype in POLY and num_axes <= _POLY_MAX_AXES
 
 
+def series_shape(hm: int, s: int, count: int, entry_major: bool) -> tuple[int, int, int, int]:
+    """The shape of ``poly_series``' output: entry-major ``(s, s, hm, N)`` or batch-major
+    ``(N, hm, s, s)``."""
+    return (s, s, hm, count) if entry_major else (count, hm, s, s)
+
+
 def poly_terms(degree: int, num_axes: int) -> int:
     """How many monomials of degree <= ``degree`` in one or two axes (``T``)."""
     return degree + 1 if num_axes == 1 else (degree + 1) * (degree + 2) // 2
@@ -241,7 +247,7 @@ def poly_series_forward(
         else:
             flat = _kernels._fresh(coefficients, terms, hm, s, s)
             flat.copy_(blocks.permute(2, 0, 1, 3))
-    shape = (s, s, hm, count) if entry_major else (count, hm, s, s)
+    shape = series_shape(hm, s, count, entry_major)
     if series_buffer is None:
         series = _kernels._fresh(coefficients, *shape)
     else:

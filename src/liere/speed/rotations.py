@@ -34,6 +34,7 @@ from .polynomial import (
     poly_series_forward,
     poly_terms,
     poly_weights,
+    series_shape,
     stack_axes,
     uses_polynomial,
 )
@@ -200,10 +201,16 @@ def _series_inputs(
         positions ``(N, a)``; js ``(N,)``; bases ``(h, a, m, s, s)``; sigma ``(h, a, m)``
         -> weights ``(N, T)``, scaled bases as ``bases``
     """
-    e = math.frexp(float(sigma.amax()))[1] if sigma.numel() else 0
+    scaled, e = _scaled_bases(bases, sigma)
     scale = torch.exp2(e - js.to(positions.dtype)).unsqueeze(-1)
     weights = poly_weights(positions * scale, degree)
-    return weights, (bases * 2.0**-e if e else bases), e
+    return weights, scaled, e
+
+
+def _scaled_bases(bases: Tensor, sigma: Tensor) -> tuple[Tensor, int]:
+    """The bases scaled by ``2^-e`` to norm < 1 (Note [coefficient range]), and ``e``."""
+    e = math.frexp(float(sigma.amax()))[1] if sigma.numel() else 0
+    return (bases * 2.0**-e if e else bases), e
 
 
 # Note [series kept for the backward operator]
@@ -427,10 +434,10 @@ def _polynomial_bases_vjp(
         stacked = stack_axes(scaled)
         series, coefficients, _ = poly_series_forward(stacked, weights, degree, entry_major)
     else:
-        e = math.frexp(float(sigma.amax()))[1] if sigma.numel() else 0
-        stacked = stack_axes(bases * 2.0**-e if e else bases)
+        scaled, e = _scaled_bases(bases, sigma)
+        stacked = stack_axes(scaled)
         weights, coefficients = kept.weights[:count], kept.coefficients
-        shape = (size, size, h * m, count) if entry_major else (count, h * m, size, size)
+        shape = series_shape(h * m, size, count, entry_major)
         series = kept.series[: math.prod(shape)].view(shape)
     js32, plan = js.to(torch.int32), direct.plan
     if plan is None:
