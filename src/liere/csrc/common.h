@@ -9,6 +9,41 @@
 
 #define ALWAYS_INLINE inline __attribute__((always_inline))
 
+/* Two-source lane shuffles for transposing a W x W tile held in W vectors of W lanes
+   (gemm.c.in's transpose): round d swaps bit d of the row index with bit d of the lane
+   index, so rows i and i + d (bit d of i clear) become LO and HI picks of lanes 0..W-1 of
+   row i and W..2W-1 of row i + d. After every round, element (i, l) sits at (l, i). Used
+   where the compiler has __builtin_shufflevector (clang; GCC 12 and later). */
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define LIERE_SHUFFLES 1
+#define LIERE_LO_4_2 0, 1, 4, 5
+#define LIERE_HI_4_2 2, 3, 6, 7
+#define LIERE_LO_4_1 0, 4, 2, 6
+#define LIERE_HI_4_1 1, 5, 3, 7
+#define LIERE_LO_8_4 0, 1, 2, 3, 8, 9, 10, 11
+#define LIERE_HI_8_4 4, 5, 6, 7, 12, 13, 14, 15
+#define LIERE_LO_8_2 0, 1, 8, 9, 4, 5, 12, 13
+#define LIERE_HI_8_2 2, 3, 10, 11, 6, 7, 14, 15
+#define LIERE_LO_8_1 0, 8, 2, 10, 4, 12, 6, 14
+#define LIERE_HI_8_1 1, 9, 3, 11, 5, 13, 7, 15
+#define LIERE_LO_16_8 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
+#define LIERE_HI_16_8 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
+#define LIERE_LO_16_4 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27
+#define LIERE_HI_16_4 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31
+#define LIERE_LO_16_2 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29
+#define LIERE_HI_16_2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
+#define LIERE_LO_16_1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
+#define LIERE_HI_16_1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+/* one round d on the W rows r[0..W-1] */
+#define LIERE_ROUND(r, W, d)                                                             \
+    for (int i_ = 0; i_ < W; i_++)                                                       \
+        if (!(i_ & d)) {                                                                 \
+            const __typeof__(r[0]) a_ = r[i_], b_ = r[i_ + d];                           \
+            r[i_] = __builtin_shufflevector(a_, b_, LIERE_LO_##W##_##d);                 \
+            r[i_ + d] = __builtin_shufflevector(a_, b_, LIERE_HI_##W##_##d);             \
+        }
+#endif
+
 typedef void (*range_fn)(const void *ctx, int64_t lo, int64_t hi);
 
 /* buffer aligned for the widest vector type used (16 doubles); C11 aligned_alloc wants a
