@@ -17,6 +17,11 @@ time is printed and not timed).
 Every line gives the case's multiple of AxialRoPE (``x axial``) and of the same layer with no
 encoding (``x none``, the floor), both measured in the same run.
 
+Page faults: ``faults`` is the process's minor page faults per call (``getrusage``), a count
+of fresh memory touched: outputs that the allocator could not serve from memory already
+mapped. Under glibc's malloc it varies between processes and moves the slower cases' times
+(docs/performance.md).
+
 Memory: ``saved MB`` is what autograd keeps for the backward pass (tensors saved by the
 forward, counted once per storage), ``peak MB`` the CUDA allocator's peak when on a GPU.
 
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -221,7 +227,7 @@ def main() -> None:
     )
     header = (
         f"{'mode':<12}{'batch':>6}  {'case':<16}{'ms':>9}{'x axial':>9}{'x none':>8}"
-        f"{'saved MB':>10}{'floor x':>9}"
+        f"{'saved MB':>10}{'floor x':>9}{'faults':>8}"
     )
     if device.type == "cuda":
         header += f"{'peak MB':>9}"
@@ -270,6 +276,7 @@ def main() -> None:
 
                 runs[case] = run
             times: dict[str, list[float]] = {c: [] for c in runs}
+            faults: dict[str, int] = {c: 0 for c in runs}
             if args.autocast:
                 dtype = torch.bfloat16 if args.autocast == "bf16" else torch.float16
 
@@ -294,11 +301,13 @@ def main() -> None:
                     run = runs[case]
                     if device.type == "cuda":
                         torch.cuda.synchronize()
+                    minflt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                     start = time.perf_counter()
                     run()
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     times[case].append(time.perf_counter() - start)
+                    faults[case] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - minflt
             base = statistics.median(times["rope-axial"])
             plain = statistics.median(times["none"])
             for case in runs:
@@ -316,6 +325,7 @@ def main() -> None:
                 line = (
                     f"{mode:<12}{batch:>6}  {case:<16}{med * 1e3:>9.1f}{med / base:>9.2f}"
                     f"{med / plain:>8.2f}{saved:>10.1f}{floor_text:>9}"
+                    f"{faults[case] / args.rounds:>8.0f}"
                 )
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
