@@ -115,6 +115,37 @@ def test_kernel_application_matches_plain(dtype, size, rot_heads, prefix):
 
 
 @needs_kernels
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_kernels_split_tokens_and_prefix_rows_over_any_thread_count(threads):
+    # each thread takes its share of the tokens and of the prefix rows; every output entry
+    # is computed the same way whatever the split, so the bits match one thread's
+    b, h, p, n = 5, 4, 2, 6
+    q, k = qk_views(b, h, p + n, 16, torch.float32, seed=11)
+    gq, gk = randn(*q.shape, seed=12), randn(*q.shape, seed=13)
+    rot = orthogonal(h * n * 2, 8, seed=14, dtype=torch.float32).view(h, n, 2, 8, 8)
+    angles = randn(h, n, 8, seed=15)
+    cos, sin = angles.cos(), angles.sin()
+
+    def run():
+        return (
+            *K.apply_forward(q, k, rot, p),
+            *K.apply_backward(q, k, rot, gq, gk, p, True, True),
+            *K.rope_backward(q, k, cos, sin, gq, gk, p, True, True),
+        )
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(threads)
+        many = run()
+    finally:
+        torch.set_num_threads(before)
+    for a, c in zip(one, many):
+        assert torch.equal(a, c)
+
+
+@needs_kernels
 def test_kernel_application_with_strided_channels():
     # last-dim stride 2: the kernel gathers the row before rotating it
     b, h, n, s = 2, 2, 5, 4

@@ -61,6 +61,12 @@ static void *run_job(void *p) {
 }
 #endif
 
+/* [*lo, *hi): part p of [0, n) cut into `parts` near-equal contiguous pieces */
+static inline void share_of(int64_t n, int64_t p, int64_t parts, int64_t *lo, int64_t *hi) {
+    *lo = n * p / parts;
+    *hi = n * (p + 1) / parts;
+}
+
 /* fn over [0, n) split in `threads` contiguous ranges. With OpenMP (the build links the
    libgomp torch has loaded, same soname) the ranges run on torch's own worker threads, which
    are awake right after torch's parallel ops; otherwise on fresh pthreads. */
