@@ -25,7 +25,7 @@ op                                        computes
 The backward ops compute their vector-Jacobian products without a recompute where the fast
 path's hand-written backwards cover the case: ``liere::apply_blockwise_pair_backward`` runs
 ``blockwise_pair_backward`` (the compiled kernel or two batched products), and
-``liere::lie_rotations_backward``         runs ``bases_vjp`` when only the bases need a gradient and
+``liere::lie_rotations_backward`` runs ``bases_vjp`` when only the bases need a gradient and
 the CPU fast path ran on its kernels (shared positions; one or two axes, or three with blocks
 up to 8x8): it takes the forward's output, recomputes the series and runs the kernels'
 backwards and the series', never the squarings or products forward. Measured at ViT-S/16,

@@ -61,6 +61,12 @@ static void *run_job(void *p) {
 }
 #endif
 
+/* how many parts a kernel cuts its work into for `threads` threads: one per thread, as
+   many as parallel_for runs */
+static inline int64_t thread_parts(int threads) {
+    return threads < 1 ? 1 : threads > 64 ? 64 : threads;
+}
+
 /* [*lo, *hi): part p of [0, n) cut into `parts` near-equal contiguous pieces */
 static inline void share_of(int64_t n, int64_t p, int64_t parts, int64_t *lo, int64_t *hi) {
     *lo = n * p / parts;
