@@ -373,6 +373,7 @@ def test_first_build_is_announced_and_failures_say_why(tmp_path):
     assert "compiling its CPU kernels" in proc.stderr and "python -m liere.kernels" in proc.stderr
     assert "kernels off (compiling the kernels failed" in proc.stdout
     assert (cache.stat().st_mode & 0o777) == 0o700
+    assert "Warning" not in proc.stderr  # e.g. runpy's "found in sys.modules" RuntimeWarning
 
 
 # Note [kernel argument checks]: bad input raises before any pointer crosses

@@ -907,10 +907,6 @@ def main() -> int:
     return 0 if available() else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def poly_offsets(degree: int, axes: int) -> list[int]:
     """Column-block offset of each degree's coefficients in ``C_e``'s side-by-side layout
     (``k + 1`` blocks per degree for two axes, one for one axis); the last entry is the number
