@@ -116,8 +116,6 @@ RAY_SIZES = (4, 8, 16, 32, 64)
 POLY_SIZES = (4, 8)
 # the highest degree of the position polynomial (float64's series: 24)
 MAX_POLY_DEGREE = 24
-# matrices per vector batch in the squarings (16 floats fill an AVX-512 register)
-_LANES = 16
 
 _COMMON = _read_source("common.h")
 
@@ -149,7 +147,7 @@ _RAYS = _read_source("rays.c.in")
 _SQUARINGS = _read_source("squarings.c.in")
 
 # Squarings for larger blocks (32, 64), one matrix at a time: a register-tiled product (RB rows
-# of NC 64-byte vectors of accumulators), each matrix squared in L1/L2 and written once.
+# of NC vector registers of accumulators), each matrix squared in L1/L2 and written once.
 _SQUARINGS_LARGE = _read_source("squarings_large.c.in")
 
 # The squarings and the products along rays in one parallel region, one instance per (real
@@ -174,23 +172,26 @@ _REALS_BY_NAME = {"float": "f32", "double": "f64"}
 
 def _instance(template: str, real: str, size: int) -> str:
     """``template`` for one real type and block size: ``SFX``, ``REAL``, ``IREAL`` and the
-    size tokens ``S`` (block size), ``CW`` (lanes of a 64-byte vector), ``NC`` (vectors per
-    block row), ``RB`` (rows per tile, so that ``RB * NC`` accumulators fit in registers) and
-    ``TT`` (the side of a transposed tile) replaced."""
+    size tokens ``S`` (block size), ``CW`` (lanes of one vector register, at most ``S``),
+    ``NC`` (vectors per block row), ``RB`` (rows per tile, so that ``RB * NC`` accumulators
+    fit in half the registers) and ``TT`` (the side of a transposed tile) replaced. ``CW``,
+    ``NC`` and ``RB`` are C constant expressions of the target's vector width and register
+    count (``LIERE_VBYTES``, ``LIERE_VREGS`` in ``common.h``), which the compiler knows and
+    this process need not guess."""
     tag = _REALS_BY_NAME[real]
     code = template.replace("SFX", f"{tag}_s{size}").replace("IREAL", _INTS[real])
     code = code.replace("REAL", real)
-    lanes = min(size, 64 // (4 if real == "float" else 8))
-    chunks = size // lanes
-    rb = min(4, max(1, 16 // chunks))
-    values = {"S": size, "CW": lanes, "NC": chunks, "RB": rb, "TT": min(size, 8)}
+    width = f"(LIERE_VBYTES / {4 if real == 'float' else 8})"
+    lanes = f"({size} < {width} ? {size} : {width})"
+    chunks = f"({size} / {lanes})"
+    values = {"S": str(size), "CW": lanes, "NC": chunks, "RB": f"LIERE_RB{chunks}", "TT": str(min(size, 8))}
     return re.sub(
         r"(?<![A-Za-z0-9_])(S|CW|NC|RB|TT)(?![A-Za-z0-9_])", lambda t: str(values[t.group(1)]), code
     )
 
 
 def _source() -> str:
-    parts = [_COMMON, f"#define MAXSQ {MAX_SQUARINGS}\n#define LW {_LANES}\n"]
+    parts = [_COMMON, f"#define MAXSQ {MAX_SQUARINGS}\n"]
     for real in _INTS:
         small, large = _with_shared_pieces(_SQUARINGS), _with_shared_pieces(_SQUARINGS_LARGE)
         parts += [_instance(_GEMM, real, size) for size in sorted({*SIZES, *APPLY_SIZES})]
