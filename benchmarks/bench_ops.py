@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import liere
 from liere import LieRE, grid_positions
 from liere import functional as F
 
@@ -40,7 +41,7 @@ def main() -> None:
         ["git", "rev-parse", "--short", "HEAD"],
         capture_output=True,
         text=True,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(liere.__file__).resolve().parent,  # the liere imported (PYTHONPATH in an A/B)
     ).stdout.strip()
     print(
         f"Command: python benchmarks/bench_ops.py --threads {args.threads} --batch {args.batch} "

@@ -27,6 +27,10 @@
 #define LIERE_VBYTES 16
 #define LIERE_VREGS 16
 #endif
+/* what this build targets, for kernels.status() */
+int liere_vector_bytes(void) { return LIERE_VBYTES; }
+int liere_vector_registers(void) { return LIERE_VREGS; }
+
 /* matrices per vector batch in the squarings of small blocks: one float per lane */
 #define LW (LIERE_VBYTES / 4)
 /* rows per register tile for a row of nc vectors: half the registers hold accumulators */

@@ -184,7 +184,13 @@ def _instance(template: str, real: str, size: int) -> str:
     width = f"(LIERE_VBYTES / {4 if real == 'float' else 8})"
     lanes = f"({size} < {width} ? {size} : {width})"
     chunks = f"({size} / {lanes})"
-    values = {"S": str(size), "CW": lanes, "NC": chunks, "RB": f"LIERE_RB{chunks}", "TT": str(min(size, 8))}
+    values = {
+        "S": str(size),
+        "CW": lanes,
+        "NC": chunks,
+        "RB": f"LIERE_RB{chunks}",
+        "TT": str(min(size, 8)),
+    }
     return re.sub(
         r"(?<![A-Za-z0-9_])(S|CW|NC|RB|TT)(?![A-Za-z0-9_])", lambda t: str(values[t.group(1)]), code
     )
@@ -341,9 +347,23 @@ def unavailable_reason() -> str:
     return str(_state.get("reason", ""))
 
 
+def vector_width() -> tuple[int, int]:
+    """``(bytes per vector register, registers)`` the built kernels target, as the compiler
+    saw the CPU (``-march=native``): ``(64, 32)`` with AVX-512, ``(32, 16)`` with AVX2,
+    ``(16, 16)`` for plain x86-64. Raises ``RuntimeError`` when the kernels are off."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError(f"liere's kernels are off: {unavailable_reason()}")
+    return int(lib.liere_vector_bytes()), int(lib.liere_vector_registers())
+
+
 def status() -> str:
-    """One line for logs and benchmark headers: ``"kernels on"`` or why they are off."""
-    return "kernels on" if available() else f"kernels off ({unavailable_reason()})"
+    """One line for logs and benchmark headers: ``"kernels on (32-byte vectors, 16
+    registers)"`` or why they are off."""
+    if not available():
+        return f"kernels off ({unavailable_reason()})"
+    width, registers = vector_width()
+    return f"kernels on ({width}-byte vectors, {registers} registers)"
 
 
 def usable(*tensors: Tensor, size: int, sizes: tuple[int, ...] = SIZES) -> bool:
