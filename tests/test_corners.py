@@ -129,7 +129,10 @@ def test_one_axis_positions_may_be_a_vector(name):
     pos = torch.arange(6.0) / 5
     for out, ref in zip(enc(q, q, pos), enc(q, q, pos.unsqueeze(-1))):
         torch.testing.assert_close(out, ref, atol=0, rtol=0)
-    torch.testing.assert_close(enc.rotate(q, pos), enc(q, q, pos)[0], atol=0, rtol=0)
+    # rotate(q) runs the product with half the columns of forward's q-and-k product, and a BLAS
+    # may pick another kernel for it (MKL on an AVX2 CPU does: 1-ulp differences), so rotate
+    # equals forward to rounding, not bit for bit
+    torch.testing.assert_close(enc.rotate(q, pos), enc(q, q, pos)[0], atol=1e-6, rtol=1e-6)
     assert enc.rotation_matrices(pos).shape[1] == 6
     attn = RotaryAttention(32, 2, pos_enc=enc)
     torch.testing.assert_close(attn(randn(1, 6, 32), pos), attn(randn(1, 6, 32), pos[:, None]))
