@@ -287,7 +287,7 @@ def _compile(source: str) -> tuple[Optional[ctypes.CDLL], str]:
         lib = cache / f"kernels-{key}{suffix}"
         if not lib.exists():
             _LOG.warning(
-                "liere: compiling its CPU kernels for this machine (once, about 10 s) into "
+                "liere: compiling its CPU kernels for this machine (once, 10-20 s) into "
                 "%s; `python -m liere.kernels` does this ahead of time, LIERE_KERNELS=0 "
                 "turns them off",
                 cache,
