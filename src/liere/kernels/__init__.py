@@ -13,8 +13,10 @@ scatter of both. Plain C loops keep each matrix in registers or L1 instead:
 * ``squarings``: ``R = T^(2^j_n)`` per matrix, each token with its own ``j_n`` (Note
   [per-token squarings] in ``liere.speed.token_squarings``), written straight into the
   ``(h, n, m, s, s)`` layout the application reads (into given rows of a larger tensor when
-  some tokens come from products along rays). Blocks up to 16 are squared 16 at a time, one
-  matrix per vector lane; blocks of 32 and 64 one at a time with a register-tiled product.
+  some tokens come from products along rays). Blocks up to 16 are squared as many at a time
+  as a vector register holds floats (16 with AVX-512, 8 with AVX2), one matrix per lane;
+  blocks of 32 and 64 one at a time with a register-tiled product. Vector widths and tiles
+  follow the CPU the compiler targets (``LIERE_VBYTES``, ``LIERE_VREGS`` in ``common.h``).
   The backward recomputes the squares from ``T`` (nothing but ``T`` is saved) and runs
   ``G <- G S^T + S^T G`` per matrix. Keeping the squares instead was measured slower here
   (57 MB more written and read per dense ViT-S layer at batch 8 cost more than the third of
@@ -45,7 +47,7 @@ with them. Without OpenMP they start pthreads. Their outputs come from torch's a
 
 The source is C11 with GCC/Clang vector extensions and pthreads (no Python or torch
 headers), compiled on first use with the system C compiler (``$CC``, else
-``cc``/``gcc``/``clang``) in a few seconds and cached under ``$LIERE_CACHE_DIR``
+``cc``/``gcc``/``clang``) in 10-20 s and cached under ``$LIERE_CACHE_DIR``
 (default ``~/.cache/liere``), keyed by the source, the compiler and the CPU. Without a
 compiler, on other devices, or with ``LIERE_KERNELS=0``, everything runs on the PyTorch
 path, which is also the reference the tests compare with.
