@@ -285,7 +285,12 @@ def test_squaring_degree_table_is_accurate():
 def run_python(code, **env):
     full = {**os.environ, **env}
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=full, check=True
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=full,
+        check=True,
+        timeout=300,  # a kernel that deadlocks fails the test instead of hanging the suite
     ).stdout
 
 
@@ -308,29 +313,74 @@ def test_missing_compiler_falls_back_with_a_reason(tmp_path):
     assert "no-such-cc" in out
 
 
+LAYER_STEP = (
+    "import torch\n"
+    "from liere import LieRE, RotaryAttention, grid_positions\n"
+    "torch.manual_seed(0)\n"
+    "layer = RotaryAttention(96, 3, pos_enc=LieRE(32, 2, num_heads=3, block_size=8),"
+    " num_prefix_tokens=1)\n"
+    "x, positions = torch.randn(4, 50, 96), grid_positions(7, 7)\n"
+    "def step():\n"
+    "    layer.zero_grad()\n"
+    "    out = layer(x, positions)\n"
+    "    out.square().sum().backward()\n"
+    "    return [out.detach(), *(p.grad.clone() for p in layer.parameters())]\n"
+)
+
+
+CONCURRENT_STEPS = (
+    "import threading, copy\n"
+    "layers = [copy.deepcopy(layer) for _ in range(4)]\n"
+    "results = [None] * 4\n"
+    "def work(i):\n"
+    "    for _ in range(5):\n"
+    "        layers[i].zero_grad()\n"
+    "        out = layers[i](x, positions)\n"
+    "        out.square().sum().backward()\n"
+    "        results[i] = [out.detach(), *(p.grad for p in layers[i].parameters())]\n"
+    "threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]\n"
+    "for t in threads: t.start()\n"
+    "for t in threads: t.join()\n"
+    "print('concurrent', all(torch.equal(a, b) for r in results for a, b in zip(r, alone)))\n"
+)
+FORKED_STEP = (
+    "import os\n"
+    "pid = os.fork()\n"
+    "if pid == 0:\n"
+    "    torch.set_num_threads(1)  # as in a DataLoader worker: torch's OpenMP hangs after fork\n"
+    "    os.environ['LIERE_KERNEL_THREADS'] = os.environ['CHILD_KERNEL_THREADS']\n"
+    "    child = step()\n"
+    "    os._exit(0 if all(torch.equal(a, b) for a, b in zip(child, alone)) else 3)\n"
+    "print('forked', os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))\n"
+)
+
+
 @needs_kernels
-def test_kernels_on_pthreads_match_the_pytorch_path(tmp_path):
-    # built without OpenMP the kernels split work over pthreads
+@pytest.mark.parametrize("openmp", ["1", "0"], ids=["openmp", "pool-only"])
+def test_kernels_from_several_threads_and_forked_children_give_the_same_bits(tmp_path, openmp):
+    # Note [kernel threads]: one caller owns the worker pool at a time, the others run their
+    # pieces themselves (the same pieces, so the same bits); the pool's workers do not
+    # survive fork(), and a forked child (a DataLoader worker) starts a fresh pool. Built
+    # without OpenMP the pool runs every call, and the kernels must still match the PyTorch
+    # path. GNU OpenMP itself cannot start a team in a forked child of a process that used
+    # one (torch's matmuls hang there too), so the OpenMP build's child runs one thread.
     code = (
-        "import torch; from unittest import mock\n"
-        "from liere import LieRE, grid_positions, kernels as K\n"
+        LAYER_STEP + "from unittest import mock\n"
+        "from liere import kernels as K\n"
         "torch.set_num_threads(2); assert K.available(), K.unavailable_reason()\n"
-        "enc = LieRE(64, 2, num_heads=3, block_size=8)\n"
-        "qkv = torch.randn(4, 17, 3, 3, 64)\n"
-        "wa, wb = torch.randn(4, 3, 17, 64), torch.randn(4, 3, 17, 64)\n"
-        "q, k = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in (0, 1))\n"
-        "def run():\n"
-        "    enc.zero_grad(); q.grad = k.grad = None\n"
-        "    a, b = enc(q, k, grid_positions(4, 4), num_prefix_tokens=1)\n"
-        "    ((a * wa).sum() + (b * wb).sum()).backward()  # |Ra|^2, Ra.Rb: no R gradient\n"
-        "    return a, b, q.grad, k.grad, enc.weight.grad\n"
-        "fast = run()\n"
+        "alone = step()\n"
         "with mock.patch.object(K, 'usable', lambda *t, size, sizes=None: False):\n"
-        "    slow = run()\n"
-        "print(max(float((f - s).abs().max() / s.abs().max()) for f, s in zip(fast, slow)))\n"
+        "    slow = step()\n"
+        "print('pytorch', max(float((f - s).abs().max() / s.abs().max())"
+        " for f, s in zip(alone, slow)))\n" + CONCURRENT_STEPS + FORKED_STEP
     )
-    out = run_python(code, LIERE_KERNELS_OPENMP="0", LIERE_CACHE_DIR=str(tmp_path))
-    assert float(out) < 1e-5
+    env = {"LIERE_KERNELS_OPENMP": openmp, "CHILD_KERNEL_THREADS": "1" if openmp == "1" else "2"}
+    if openmp == "0":
+        env["LIERE_CACHE_DIR"] = str(tmp_path)
+    lines = dict(line.split(" ", 1) for line in run_python(code, **env).splitlines())
+    assert float(lines["pytorch"]) < 1e-5
+    assert lines["concurrent"] == "True"
+    assert lines["forked"] == "0"
 
 
 @needs_kernels

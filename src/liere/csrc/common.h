@@ -1,5 +1,6 @@
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -79,16 +80,6 @@ typedef void (*range_fn)(const void *ctx, int64_t lo, int64_t hi);
 static void *alloc_vectors(size_t size) {
     return aligned_alloc(128, (size + 127) / 128 * 128);
 }
-#ifndef _OPENMP
-typedef struct { range_fn fn; const void *ctx; int64_t lo, hi; } job_t;
-
-static void *run_job(void *p) {
-    job_t *j = (job_t *)p;
-    if (j->lo < j->hi) j->fn(j->ctx, j->lo, j->hi);
-    return NULL;
-}
-#endif
-
 /* how many parts a kernel cuts its work into for `threads` threads: one per thread, as
    many as parallel_for runs */
 static inline int64_t thread_parts(int threads) {
@@ -101,39 +92,171 @@ static inline void share_of(int64_t n, int64_t p, int64_t parts, int64_t *lo, in
     *hi = n * (p + 1) / parts;
 }
 
-/* fn over [0, n) split in `threads` contiguous ranges. With OpenMP (the build links the
-   libgomp torch has loaded, same soname) the ranges run on torch's own worker threads, which
-   are awake right after torch's parallel ops; otherwise on fresh pthreads. */
+/* Note [kernel threads]
+   ~~~~~~~~~~~~~~~~~~~~~
+   parallel_for(fn, ctx, n, threads) cuts [0, n) into `threads` contiguous pieces, the same
+   pieces whoever runs them, so the bits never depend on scheduling. Thread t first claims
+   piece t (the rows torch's own ops just gave thread t, still in its core's cache), then
+   any piece left unclaimed. Two ways to run them:
+
+   * OpenMP, where the build has it: one region on torch's worker threads. On a quiet
+     machine this is the fastest way; torch's workers spin for a while after each of torch's
+     ops, so they start at once, and a thread of our own would share a core with that
+     spinning worker (the pool alone ran dense LieRE's layer 5-10% slower).
+   * The pool: helpers started on first use (up to `threads` - 1, at most 63) that sleep on
+     a condition variable between calls. The caller publishes the job, wakes them, and
+     claims pieces itself; when none is left it waits for the pieces helpers are running,
+     never for a helper that has not woken.
+
+   An OpenMP region ends at a barrier that waits for every thread of its team. On a machine
+   with a competing load a descheduled worker holds that barrier for a time slice, at every
+   one of the kernels' calls (LieRE's layer makes three each way). So when a worker arrives
+   to find its own piece taken (it was late by a whole piece), the next LIERE_POOL_CALLS
+   calls run on the pool, and then OpenMP is tried again. On a quiet machine that did not
+   happen once in 80 training steps; under a load it happens about once in 64 calls.
+   docs/performance.md has the measurements.
+
+   A second caller that finds the pool busy (another Python thread) runs its pieces itself,
+   in order. After fork() the child starts with an empty pool, since the helpers did not
+   survive the fork. If a helper cannot be started the caller runs the pieces. */
+#define LIERE_MAX_HELPERS 63
+#define LIERE_POOL_CALLS 64
+
+typedef _Atomic unsigned char claim_t;
+
+static void run_piece(range_fn fn, const void *ctx, int64_t n, int64_t pieces, int64_t p) {
+    int64_t lo, hi;
+    share_of(n, p, pieces, &lo, &hi);
+    if (lo < hi) fn(ctx, lo, hi);
+}
+
+/* runs every unclaimed piece, piece `first` first; returns whether `first` was still free */
+static int claim_pieces(range_fn fn, const void *ctx, int64_t n, int64_t pieces,
+                        claim_t *claimed, int64_t first) {
+    int own = 0;
+    for (int64_t k = 0; k < pieces; k++) {
+        const int64_t p = (first + k) % pieces;
+        if (!atomic_exchange(&claimed[p], 1)) {
+            run_piece(fn, ctx, n, pieces, p);
+            if (k == 0) own = 1;
+        }
+    }
+    return own;
+}
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t wake, idle;
+    int helpers;          /* started */
+    unsigned long job;    /* number of the latest job; helpers sleep until it changes */
+    int open;             /* the latest job still takes helpers */
+    int active;           /* helpers inside the latest job */
+    int want;             /* helpers the latest job takes (indices below it) */
+    range_fn fn;
+    const void *ctx;
+    int64_t n, pieces;
+    claim_t claimed[LIERE_MAX_HELPERS + 1];
+    _Atomic int busy;     /* a caller owns the pool */
+    unsigned long born[LIERE_MAX_HELPERS];
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static void *helper_main(void *arg) {
+    const int index = (int)(intptr_t)arg;
+    pthread_mutex_lock(&pool.mu);
+    unsigned long seen = pool.born[index];
+    for (;;) {
+        while (pool.job == seen) pthread_cond_wait(&pool.wake, &pool.mu);
+        seen = pool.job;
+        if (!pool.open || index >= pool.want) continue;
+        pool.active++;
+        const range_fn fn = pool.fn;
+        const void *ctx = pool.ctx;
+        const int64_t n = pool.n, pieces = pool.pieces;
+        pthread_mutex_unlock(&pool.mu);
+        claim_pieces(fn, ctx, n, pieces, pool.claimed, index + 1);
+        pthread_mutex_lock(&pool.mu);
+        if (--pool.active == 0) pthread_cond_signal(&pool.idle);
+    }
+    return NULL;
+}
+
+static void pool_after_fork(void) {
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_cond_init(&pool.wake, NULL);
+    pthread_cond_init(&pool.idle, NULL);
+    pool.helpers = pool.open = pool.active = pool.want = 0;
+    atomic_store(&pool.busy, 0);
+}
+
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+static void pool_init(void) { pthread_atfork(NULL, NULL, pool_after_fork); }
+
+static void pool_for(range_fn fn, const void *ctx, int64_t n, int64_t pieces) {
+    if (atomic_exchange(&pool.busy, 1)) {
+        for (int64_t p = 0; p < pieces; p++) run_piece(fn, ctx, n, pieces, p);
+        return;
+    }
+    pthread_once(&pool_once, pool_init);
+    pthread_mutex_lock(&pool.mu);
+    while (pool.helpers < pieces - 1) {
+        pthread_t tid;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pool.born[pool.helpers] = pool.job;
+        const int failed = pthread_create(&tid, &attr, helper_main, (void *)(intptr_t)pool.helpers);
+        pthread_attr_destroy(&attr);
+        if (failed) break;
+        pool.helpers++;
+    }
+    pool.fn = fn;
+    pool.ctx = ctx;
+    pool.n = n;
+    pool.pieces = pieces;
+    for (int64_t p = 0; p < pieces; p++) atomic_store(&pool.claimed[p], 0);
+    pool.want = (int)pieces - 1;
+    pool.open = 1;
+    pool.job++;
+    pthread_cond_broadcast(&pool.wake);
+    pthread_mutex_unlock(&pool.mu);
+    claim_pieces(fn, ctx, n, pieces, pool.claimed, 0);
+    pthread_mutex_lock(&pool.mu);
+    pool.open = 0;
+    while (pool.active > 0) pthread_cond_wait(&pool.idle, &pool.mu);
+    pthread_mutex_unlock(&pool.mu);
+    atomic_store(&pool.busy, 0);
+}
+
+static _Atomic int pool_calls_left; /* calls the pool runs after an OpenMP worker came late */
+static _Atomic long pool_switches;  /* how often a worker came late */
+long liere_pool_switches(void) { return atomic_load(&pool_switches); }
+
 static void parallel_for(range_fn fn, const void *ctx, int64_t n, int threads) {
     if (n <= 0) return;
-    if (threads > 64) threads = 64;
+    if (threads > LIERE_MAX_HELPERS + 1) threads = LIERE_MAX_HELPERS + 1;
     if (threads > n) threads = (int)n;
-    if (threads <= 1) { fn(ctx, 0, n); return; }
+    if (threads <= 1) {
+        fn(ctx, 0, n);
+        return;
+    }
+    const int64_t pieces = threads;
 #ifdef _OPENMP
+    if (atomic_load(&pool_calls_left) <= 0) {
+        claim_t claimed[LIERE_MAX_HELPERS + 1] = {0};
+        _Atomic int late = 0;
 #pragma omp parallel num_threads(threads)
-    {
-        const int64_t count = omp_get_num_threads(), t = omp_get_thread_num();
-        const int64_t chunk = (n + count - 1) / count;
-        const int64_t lo = t * chunk < n ? t * chunk : n, hi = lo + chunk < n ? lo + chunk : n;
-        if (lo < hi) fn(ctx, lo, hi);
+        {
+            const int t = omp_get_thread_num();
+            if (!claim_pieces(fn, ctx, n, pieces, claimed, t % pieces) && t > 0)
+                atomic_store(&late, 1);
+        }
+        if (atomic_load(&late)) {
+            atomic_store(&pool_calls_left, LIERE_POOL_CALLS);
+            atomic_fetch_add(&pool_switches, 1);
+        }
+        return;
     }
-#else
-    pthread_t tid[64];
-    job_t jobs[64];
-    int started[64];
-    int64_t chunk = (n + threads - 1) / threads;
-    int t;
-    for (t = 0; t < threads; t++) {
-        int64_t lo = (int64_t)t * chunk, hi = lo + chunk;
-        jobs[t].fn = fn; jobs[t].ctx = ctx;
-        jobs[t].lo = lo < n ? lo : n; jobs[t].hi = hi < n ? hi : n;
-    }
-    for (t = 1; t < threads; t++)
-        started[t] = pthread_create(&tid[t], NULL, run_job, &jobs[t]) == 0;
-    run_job(&jobs[0]);
-    for (t = 1; t < threads; t++) {
-        if (started[t]) pthread_join(tid[t], NULL);
-        else run_job(&jobs[t]);
-    }
+    atomic_fetch_sub(&pool_calls_left, 1);
 #endif
+    pool_for(fn, ctx, n, pieces);
 }

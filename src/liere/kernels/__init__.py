@@ -43,7 +43,12 @@ scatter of both. Plain C loops keep each matrix in registers or L1 instead:
 All split their work over torch's OpenMP threads: built with ``-fopenmp``, the library
 links ``libgomp.so.1``, which resolves to the copy torch has loaded, so the kernels run on
 torch's worker threads (awake right after torch's own parallel ops) instead of competing
-with them. Without OpenMP they start pthreads. Their outputs come from torch's allocator.
+with them. A busy machine switches them to liere's own worker pool for a while (Note [kernel
+threads] in ``csrc/common.h``): an OpenMP region ends at a barrier that waits for every
+thread of its team, and a thread the OS has descheduled holds it for a time slice, at each
+of the kernels' calls; in the pool the caller runs the pieces no worker has claimed and
+never waits for a worker that has not started. Built without OpenMP, the pool runs every
+call. Their outputs come from torch's allocator.
 
 The source is C11 with GCC/Clang vector extensions and pthreads (no Python or torch
 headers), compiled on first use with the system C compiler (``$CC``, else
@@ -53,8 +58,8 @@ compiler, on other devices, or with ``LIERE_KERNELS=0``, everything runs on the 
 path, which is also the reference the tests compare with.
 
 Environment: ``LIERE_KERNELS=0`` (off), ``LIERE_CACHE_DIR`` (where the library is cached),
-``CC`` (the compiler), ``LIERE_KERNELS_OPENMP=0`` (build with pthreads instead of OpenMP),
-``LIERE_KERNEL_THREADS`` (threads per call; default ``torch.get_num_threads()``).
+``CC`` (the compiler), ``LIERE_KERNELS_OPENMP=0`` (build without OpenMP: the pool
+runs every call), ``LIERE_KERNEL_THREADS`` (threads per call; default ``torch.get_num_threads()``).
 
 The first build is announced on the ``liere.kernels`` logger (a warning, so it shows by
 default) and can be done ahead of time: ``python -m liere.kernels``. The cache directory
@@ -274,7 +279,7 @@ def _compile(source: str) -> tuple[Optional[ctypes.CDLL], str]:
         ["-O3", "-march=native", "-ffp-contract=fast"],
         ["-O3", "-ffp-contract=fast"],
     ]
-    if _off(os.environ.get("LIERE_KERNELS_OPENMP", "1")):  # pthreads instead (tests)
+    if _off(os.environ.get("LIERE_KERNELS_OPENMP", "1")):  # the worker pool only (tests)
         attempts = attempts[1:]
     errors = []
     for flags in attempts:
