@@ -355,9 +355,21 @@ FORKED_STEP = (
 )
 
 
+@pytest.fixture(scope="module")
+def pool_only_cache(tmp_path_factory):
+    """A cache directory holding a fresh build without OpenMP (one build, ~15 s, shared)."""
+    cache = tmp_path_factory.mktemp("pool-only-cache")
+    code = "from liere import kernels as K; print(K.available())"
+    out = run_python(code, LIERE_CACHE_DIR=str(cache), LIERE_KERNELS_OPENMP="0")
+    assert out.strip() == "True"
+    return cache
+
+
 @needs_kernels
 @pytest.mark.parametrize("openmp", ["1", "0"], ids=["openmp", "pool-only"])
-def test_kernels_from_several_threads_and_forked_children_give_the_same_bits(tmp_path, openmp):
+def test_kernels_from_several_threads_and_forked_children_give_the_same_bits(
+    pool_only_cache, openmp
+):
     # Note [kernel threads]: one caller owns the worker pool at a time, the others run their
     # pieces themselves (the same pieces, so the same bits); the pool's workers do not
     # survive fork(), and a forked child (a DataLoader worker) starts a fresh pool. Built
@@ -376,7 +388,7 @@ def test_kernels_from_several_threads_and_forked_children_give_the_same_bits(tmp
     )
     env = {"LIERE_KERNELS_OPENMP": openmp, "CHILD_KERNEL_THREADS": "1" if openmp == "1" else "2"}
     if openmp == "0":
-        env["LIERE_CACHE_DIR"] = str(tmp_path)
+        env["LIERE_CACHE_DIR"] = str(pool_only_cache)
     lines = dict(line.split(" ", 1) for line in run_python(code, **env).splitlines())
     assert float(lines["pytorch"]) < 1e-5
     assert lines["concurrent"] == "True"
@@ -384,10 +396,8 @@ def test_kernels_from_several_threads_and_forked_children_give_the_same_bits(tmp
 
 
 @needs_kernels
-def test_kernels_build_into_the_cache_dir(tmp_path):
-    code = "from liere import kernels as K; print(K.available())"
-    assert run_python(code, LIERE_CACHE_DIR=str(tmp_path)).strip() == "True"
-    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+def test_kernels_build_into_the_cache_dir(pool_only_cache):
+    assert [p.suffix for p in pool_only_cache.iterdir()] == [".so"]
 
 
 @needs_kernels
