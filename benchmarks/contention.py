@@ -13,8 +13,9 @@ thread settings and OpenMP's environment apply from the start:
 
     python benchmarks/contention.py --batch 8
 
-Prints each case's time per configuration and its slowdown against ``quiet``; the target is
-that LieRE slows down no more than AxialRoPE does.
+Prints each case's time per configuration and its slowdown against ``quiet``, and how often
+liere's kernels left OpenMP for their own pool (``liere.kernels.pool_switches()``, Note
+[kernel threads]); the target is that LieRE slows down no more than AxialRoPE does.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import time
 CHILD = r"""
 import json, random, statistics, sys, time
 import torch
-from liere import AxialRoPE, LieRE, RotaryAttention, grid_positions
+from liere import AxialRoPE, LieRE, RotaryAttention, grid_positions, kernels
 threads, batch, rounds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 if threads:
     torch.set_num_threads(threads)
@@ -53,7 +54,9 @@ for _ in range(rounds):
     shuffle.shuffle(order)
     for c in order:
         start = time.perf_counter(); run(layers[c]); times[c].append(time.perf_counter() - start)
-print(json.dumps({c: statistics.median(t) * 1e3 for c, t in times.items()}))
+medians = {c: statistics.median(t) * 1e3 for c, t in times.items()}
+steps = (2 + rounds) * len(order)  # training steps of all cases, warm-up included
+print(json.dumps({"times": medians, "switches": kernels.pool_switches(), "steps": steps}))
 """
 
 CONFIGS = {
@@ -78,6 +81,7 @@ def main() -> None:
         f"{cores} cores; load: {cores} spinning Python processes; ViT-S/16 layer, fwd + bwd"
     )
     results: dict[str, dict[str, float]] = {}
+    switches: dict[str, str] = {}
     for name, (env, threads, busy) in CONFIGS.items():
         load = []
         if busy:
@@ -98,14 +102,20 @@ def main() -> None:
             for proc in load:
                 proc.kill()
                 proc.wait()
-        results[name] = json.loads(out.strip().splitlines()[-1])
+        child = json.loads(out.strip().splitlines()[-1])
+        results[name] = child["times"]
+        switches[name] = f"{child['switches']} in {child['steps']} steps"
     cases = list(results["quiet"])
-    print(f"{'config':<16}" + "".join(f"{c + ' ms':>14}{'slowdown':>10}" for c in cases))
+    print(
+        f"{'config':<16}"
+        + "".join(f"{c + ' ms':>14}{'slowdown':>10}" for c in cases)
+        + "  kernel pool switches"
+    )
     for name, times in results.items():
         line = f"{name:<16}"
         for c in cases:
             line += f"{times[c]:>14.1f}{times[c] / results['quiet'][c]:>10.2f}"
-        print(line)
+        print(line + f"  {switches[name]}")
     for name, times in results.items():
         if name == "quiet":
             continue

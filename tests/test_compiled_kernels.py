@@ -297,12 +297,12 @@ def run_python(code, **env):
 def test_kernels_can_be_disabled_and_the_library_still_works(tmp_path):
     code = (
         "import torch; from liere import kernels as K, LieRE, grid_positions\n"
-        "print(K.available(), K.unavailable_reason())\n"
+        "print(K.available(), K.unavailable_reason(), K.pool_switches())\n"
         "q = torch.randn(1, 1, 9, 16)\n"
         "print(LieRE(16)(q, q, grid_positions(3, 3))[0].shape)\n"
     )
     out = run_python(code, LIERE_KERNELS="0", LIERE_CACHE_DIR=str(tmp_path))
-    assert "False disabled by LIERE_KERNELS=0" in out
+    assert "False disabled by LIERE_KERNELS=0 0" in out
     assert "torch.Size([1, 1, 9, 16])" in out
 
 
@@ -367,9 +367,7 @@ def pool_only_cache(tmp_path_factory):
 
 @needs_kernels
 @pytest.mark.parametrize("openmp", ["1", "0"], ids=["openmp", "pool-only"])
-def test_kernels_from_several_threads_and_forked_children_give_the_same_bits(
-    pool_only_cache, openmp
-):
+def test_kernels_from_several_threads_and_forked_children_give_the_same_bits(request, openmp):
     # Note [kernel threads]: one caller owns the worker pool at a time, the others run their
     # pieces themselves (the same pieces, so the same bits); the pool's workers do not
     # survive fork(), and a forked child (a DataLoader worker) starts a fresh pool. Built
@@ -388,7 +386,7 @@ def test_kernels_from_several_threads_and_forked_children_give_the_same_bits(
     )
     env = {"LIERE_KERNELS_OPENMP": openmp, "CHILD_KERNEL_THREADS": "1" if openmp == "1" else "2"}
     if openmp == "0":
-        env["LIERE_CACHE_DIR"] = str(pool_only_cache)
+        env["LIERE_CACHE_DIR"] = str(request.getfixturevalue("pool_only_cache"))
     lines = dict(line.split(" ", 1) for line in run_python(code, **env).splitlines())
     assert float(lines["pytorch"]) < 1e-5
     assert lines["concurrent"] == "True"

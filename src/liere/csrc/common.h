@@ -112,9 +112,9 @@ static inline void share_of(int64_t n, int64_t p, int64_t parts, int64_t *lo, in
    with a competing load a descheduled worker holds that barrier for a time slice, at every
    one of the kernels' calls (LieRE's layer makes three each way). So when a worker arrives
    to find its own piece taken (it was late by a whole piece), the next LIERE_POOL_CALLS
-   calls run on the pool, and then OpenMP is tried again. On a quiet machine that did not
-   happen once in 80 training steps; under a load it happens about once in 64 calls.
-   docs/performance.md has the measurements.
+   calls run on the pool, and then OpenMP is tried again. On a quiet machine it happens
+   by chance now and then (0-1 times in 36 training steps); under a load about once in 64
+   calls. liere.kernels.pool_switches() counts it; docs/performance.md has the measurements.
 
    A second caller that finds the pool busy (another Python thread) runs its pieces itself,
    in order. After fork() the child starts with an empty pool, since the helpers did not

@@ -364,6 +364,19 @@ def vector_width() -> tuple[int, int]:
     return int(lib.liere_vector_bytes()), int(lib.liere_vector_registers())
 
 
+def pool_switches() -> int:
+    """How many times a kernel call found an OpenMP worker a whole piece late, after which
+    the next 64 calls ran on liere's own worker pool (Note [kernel threads] in
+    ``csrc/common.h``); 0 when the kernels are off. A count that grows during training
+    means the machine is oversubscribed. Raises nothing."""
+    lib = _library()
+    if lib is None:
+        return 0
+    fn = lib.liere_pool_switches
+    fn.restype = ctypes.c_long
+    return int(fn())
+
+
 def status() -> str:
     """One line for logs and benchmark headers: ``"kernels on (32-byte vectors, 16
     registers)"`` or why they are off."""
