@@ -48,7 +48,6 @@ from .extrapolation import (
     squarings_for,
 )
 from .taylor import TAYLOR
-from .token_squarings import norm_bounds
 
 
 def max_levels(dtype: torch.dtype) -> int:
@@ -121,7 +120,8 @@ def _norm_bounds(positions: Tensor, bases: Tensor) -> Tensor:
         positions ``(n, a)`` or ``(b, n, a)``; bases ``(h, a, m, s, s)`` -> ``(.., h, n, m)``
     """
     sigma = torch.linalg.vector_norm(bases, dim=(-2, -1)) * 0.5**0.5  # (h, a, m)
-    return norm_bounds(positions, sigma)  # (.., h, n, m)
+    p = positions.abs().unsqueeze(-3).unsqueeze(-1)  # (.., 1, n, a, 1)
+    return (p * sigma.unsqueeze(1)).sum(dim=-2)  # (.., h, n, m)
 
 
 def _series(x: Tensor) -> Tensor:

@@ -53,7 +53,6 @@ from .token_squarings import (
     KernelSquarings,
     _squaring_levels,
     _TakeTokens,
-    norm_bounds,
     spectral_norms,
     token_squarings,
 )
@@ -170,7 +169,7 @@ def _fast_rotations(positions: Tensor, bases: Tensor) -> tuple[Tensor, Tensor, f
         if not bool(torch.isfinite(bases).all()):
             squarings_for(math.nan)  # raises: NaN/Inf parameters
         sigma = spectral_norms(bases.detach())  # (h, a, m)
-        bound = norm_bounds(positions.detach(), sigma)  # (.., h, n, m)
+        bound = torch.matmul(positions.detach().abs().unsqueeze(-3), sigma)  # (.., h, n, m)
         norm = float(bound.amax()) if bound.numel() else 0.0
     _warn_if_inaccurate(norm, bases.dtype)
     if positions.dim() == 2 and positions.device.type == "cpu" and not positions.requires_grad:
@@ -336,7 +335,7 @@ def _direct_plan(
     it. ``None`` where the kernels would not run it (NaN/Inf, blocks to re-orthogonalise, more
     squarings than the kernels take, products along rays the kernels do not serve)."""
     size = bases.shape[-1]
-    bound = norm_bounds(positions, sigma)  # (h, n, m)
+    bound = torch.matmul(positions.abs().unsqueeze(-3), sigma)  # (h, n, m)
     token_bound = bound.amax(dim=(-3, -1))
     norm = float(token_bound.amax())
     if not math.isfinite(norm):

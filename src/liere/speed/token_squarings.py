@@ -34,18 +34,6 @@ def spectral_norms(blocks: Tensor) -> Tensor:
     return torch.linalg.eigvalsh(blocks.mT @ blocks)[..., -1].clamp_min(0).sqrt()
 
 
-def norm_bounds(positions: Tensor, sigma: Tensor) -> Tensor:
-    """``sum_a |p_a| sigma[h, a, m]`` per token and block, the bound of Note [per-token
-    squarings], by elementwise products: with two or three axes a matmul is mostly overhead,
-    and under a competing load its thread team waited for a descheduled thread.
-
-    Shape:
-        positions ``(n, a)`` or ``(b, n, a)``; sigma ``(h, a, m)`` -> ``(.., h, n, m)``
-    """
-    p = positions.abs().unsqueeze(-3).unsqueeze(-1)  # (.., 1, n, a, 1)
-    return (p * sigma.unsqueeze(1)).sum(dim=-2)
-
-
 def token_squarings(bound: Tensor, theta: float) -> Tensor:
     """Squarings ``j_n = ceil(log2(bound_n / theta))`` (0 when ``bound_n <= theta``) per token
     (Note [per-token squarings]).
