@@ -367,8 +367,9 @@ def vector_width() -> tuple[int, int]:
 def pool_switches() -> int:
     """How many times a kernel call found an OpenMP worker a whole piece late, after which
     the next 64 calls ran on liere's own worker pool (Note [kernel threads] in
-    ``csrc/common.h``); 0 when the kernels are off. A count that grows during training
-    means the machine is oversubscribed. Raises nothing."""
+    ``csrc/common.h``); 0 when the kernels are off. On a quiet machine it moves now and
+    then (0-1 times in 36 training steps, docs/performance.md); a count that keeps growing,
+    about once per 64 calls, means the machine is oversubscribed. Raises nothing."""
     lib = _library()
     if lib is None:
         return 0
