@@ -374,6 +374,10 @@ def test_kernels_from_several_threads_and_forked_children_give_the_same_bits(req
     # without OpenMP the pool runs every call, and the kernels must still match the PyTorch
     # path. GNU OpenMP itself cannot start a team in a forked child of a process that used
     # one (torch's matmuls hang there too), so the OpenMP build's child runs one thread.
+    # The fork comes before the concurrent threads: a child forked after several Python
+    # threads ran torch's matmuls at once can hang inside MKL's allocator (1 run in 15 under
+    # load, MKL's mm_account_ptr_by_tid, liere's kernels not on the stack), as DataLoader
+    # workers forked from such a process would.
     code = (
         LAYER_STEP + "from unittest import mock\n"
         "from liere import kernels as K\n"
@@ -382,7 +386,7 @@ def test_kernels_from_several_threads_and_forked_children_give_the_same_bits(req
         "with mock.patch.object(K, 'usable', lambda *t, size, sizes=None: False):\n"
         "    slow = step()\n"
         "print('pytorch', max(float((f - s).abs().max() / s.abs().max())"
-        " for f, s in zip(alone, slow)))\n" + CONCURRENT_STEPS + FORKED_STEP
+        " for f, s in zip(alone, slow)))\n" + FORKED_STEP + CONCURRENT_STEPS
     )
     env = {"LIERE_KERNELS_OPENMP": openmp, "CHILD_KERNEL_THREADS": "1" if openmp == "1" else "2"}
     if openmp == "0":
