@@ -477,7 +477,12 @@ def test_forward_op_keeping_the_series_matches_the_plain_ops(name, kernels_on, m
         args = (grad, positions, bases, rot, 1024.0, True, False)
         expected = OPS.lie_rotations_backward(*args, [])
         got = OPS.lie_rotations_backward(*args, kept)
+        # through autograd, which gives the kept outputs no gradient (none materialised)
+        leaf = bases.detach().clone().requires_grad_(True)
+        through = OPS.lie_rotations_keeping_series(positions, leaf, 1024.0, True)
+        (autograd_b,) = torch.autograd.grad(through[0], leaf, grad)
     assert torch.equal(rot_kept, rot)
+    assert torch.equal(autograd_b, got[1])
     # NaN norms say that nothing was kept: kernels off, or blocks re-orthogonalised
     kept_anything = kernels_on and kernels.available() and name != "re-orthogonalised"
     assert bool(kept[0].isnan().any()) != kept_anything
