@@ -529,7 +529,7 @@ def _fn(kind: str, dtype: torch.dtype, size: int) -> ctypes._CFuncPtr:  # type: 
         elif kind == "rays":
             fn.argtypes = [p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i]
         elif kind == "rotations":
-            fn.argtypes = [p, p, p, p, p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i, i]
+            fn.argtypes = [p, p, p, p, p, p, p, i64, p, p, p, i64, i64, i64, i64, i, i]
         elif kind == "poly":
             fn.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i, i, i]
         elif kind == "rope":
@@ -899,7 +899,7 @@ def rotations_forward(
     strides = (ctypes.c_int64 * 4)(*_series_strides(layout, s, h, m, nb))
     _run(
         "rotations", series.dtype, s, _ptr(series), strides, _ptr(squarings), _ptr(out), None,
-        None, None, _ptr(base), nb, _ptr(dst), _ptr(left), _ptr(right), dst.shape[0], h, m,
+        None, _ptr(base), nb, _ptr(dst), _ptr(left), _ptr(right), dst.shape[0], h, m,
         out.shape[1], 0, _threads(),
     )  # fmt: skip
 
@@ -931,13 +931,12 @@ def rotations_backward(
     _check_token_rows("rotations", rotations, series.dtype, (h, m, s), nb, base)
     _check_rays(rotations, dst, left, right)
     _check_real("grad", grad, series.dtype, tuple(rotations.shape))
-    d_base = _fresh(grad, h, nb, m, s, s)
     out = _fresh(series)
     strides = (ctypes.c_int64 * 4)(*_series_strides(layout, s, h, m, nb))
     _run(
         "rotations", series.dtype, s, _ptr(series), strides, _ptr(squarings), _ptr(rotations),
-        _ptr(grad), _ptr(d_base), _ptr(out), _ptr(base), nb, _ptr(dst), _ptr(left),
-        _ptr(right), dst.shape[0], h, m, rotations.shape[1], 1, _threads(),
+        _ptr(grad), _ptr(out), _ptr(base), nb, _ptr(dst), _ptr(left), _ptr(right),
+        dst.shape[0], h, m, rotations.shape[1], 1, _threads(),
     )  # fmt: skip
     return out
 
