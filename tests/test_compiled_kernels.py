@@ -48,7 +48,9 @@ def test_kernel_squarings_match_plain(dtype, size, layout):
         series = series.permute(3, 4, 1, 2, 0).reshape(size, size, h * m, n).contiguous()
     elif layout == "batch":
         series = series.reshape(n, h * m, size, size).contiguous()
-    else:
+    elif layout == "rows":  # (h*m, s, n, s)
+        series = series.permute(1, 2, 3, 0, 4).reshape(h * m, size, n, size).contiguous()
+    else:  # entry-hnm
         series = series.permute(3, 4, 1, 0, 2).reshape(size, size, -1).contiguous()
     js = torch.randint(0, 5, (n,), generator=torch.Generator().manual_seed(1), dtype=torch.int32)
     js[0], js[-1] = 0, 6
@@ -66,12 +68,14 @@ def test_kernel_squarings_match_plain(dtype, size, layout):
 
 
 @needs_kernels
-@pytest.mark.parametrize("layout", ["entry", "batch"])
+@pytest.mark.parametrize("layout", ["entry", "batch", "rows"])
 def test_kernel_squarings_gradcheck(layout):
     h, m, n, s = 1, 2, 3, 4
     series = orthogonal(n * h * m, s, seed=3, dtype=torch.float64).view(n, h * m, s, s)
     if layout == "entry":
         series = series.permute(2, 3, 1, 0).contiguous()
+    elif layout == "rows":
+        series = series.permute(1, 2, 0, 3).contiguous()
     js = torch.tensor([2, 0, 1], dtype=torch.int32)
     series.requires_grad_(True)
 
@@ -484,7 +488,7 @@ def test_squaring_arguments_are_checked():
     with pytest.raises(ValueError, match="need 1920"):
         K.squarings_forward(series, js, 2, 3, "batch")
     with pytest.raises(ValueError, match="layout must be one of"):
-        K.squarings_forward(series, js, 2, 2, "rows")
+        K.squarings_forward(series, js, 2, 2, "columns")
     out = torch.zeros(2, 7, 2, 8, 8)
     with pytest.raises(ValueError, match=r"rows must lie in \[0, 6\]"):
         K.squarings_forward(series, js, 2, 2, "batch", out, torch.arange(5) + 3)

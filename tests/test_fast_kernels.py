@@ -305,10 +305,10 @@ def test_attention_with_an_overridden_encoding_forward_gets_sliced_tokens():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("entry_major", [True, False], ids=["entry", "batch"])
+@pytest.mark.parametrize("layout", polynomial.SERIES_LAYOUTS)
 @pytest.mark.parametrize("axes", [1, 2])
-@pytest.mark.parametrize("block", [4, 8])
-def test_poly_series_matches_its_plain_ops(block, axes, entry_major, dtype, both_paths):
+@pytest.mark.parametrize("block", [4, 8, 16])
+def test_poly_series_matches_its_plain_ops(block, axes, layout, dtype, both_paths):
     # coefficients and series GEMM as one Function (the kernel writes the GEMM's layout
     # directly for entry-major series): values and gradients of the bases and the monomials
     bases = skew(2 * axes * 3, block, 0.4, seed=block + axes, dtype=dtype)
@@ -317,10 +317,11 @@ def test_poly_series_matches_its_plain_ops(block, axes, entry_major, dtype, both
     positions = torch.rand(11, axes, generator=torch.Generator().manual_seed(2), dtype=dtype)
     weights = polynomial.poly_weights(positions, degree)
     leaves = [t.clone().requires_grad_() for t in (stacked, weights)]
-    fast = polynomial.poly_series(*leaves, degree, entry_major)
+    fast = polynomial.poly_series(*leaves, degree, layout)
     ref = polynomial.series_product_plain(
-        polynomial.poly_coefficients_plain(leaves[0], degree), leaves[1], entry_major
+        polynomial.poly_coefficients_plain(leaves[0], degree), leaves[1], layout
     )
+    assert fast.shape == polynomial.series_shape(6, block, 11, layout)
     eps = torch.finfo(dtype).eps
     torch.testing.assert_close(fast, ref, atol=64 * eps, rtol=0)
     grad = randn(*fast.shape, seed=4, dtype=dtype)
@@ -330,11 +331,12 @@ def test_poly_series_matches_its_plain_ops(block, axes, entry_major, dtype, both
         torch.testing.assert_close(a, b, atol=256 * eps * b.abs().max(), rtol=0)
 
 
-def test_poly_series_gradcheck_and_gradgradcheck(both_paths):
+@pytest.mark.parametrize("layout", polynomial.SERIES_LAYOUTS)
+def test_poly_series_gradcheck_and_gradgradcheck(layout, both_paths):
     bases = skew(4, 4, 0.4, seed=3).view(1, 2, 2, 4, 4)
     stacked = polynomial.stack_axes(bases).requires_grad_(True)
     weights = polynomial.poly_weights(torch.rand(5, 2, dtype=torch.float64), 4)
     weights.requires_grad_(True)
-    fn = lambda s, w: polynomial.poly_series(s, w, 4, True)  # noqa: E731
+    fn = lambda s, w: polynomial.poly_series(s, w, 4, layout)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (stacked, weights))
     assert torch.autograd.gradgradcheck(fn, (stacked, weights))

@@ -279,7 +279,7 @@ def test_large_dense_generators_stay_finite(both_paths, scale):
 
 
 @pytest.mark.skipif(not K.available(), reason="compiled kernels unavailable")
-@pytest.mark.parametrize("layout", ["entry", "batch"])
+@pytest.mark.parametrize("layout", ["entry", "batch", "rows"])
 def test_fused_kernel_rotations_gradcheck(layout):
     # KernelRotations: squarings written to the direct tokens' rows, then the products
     positions = torch.tensor(
@@ -291,6 +291,8 @@ def test_fused_kernel_rotations_gradcheck(layout):
     series = torch.linalg.matrix_exp(gen - gen.mT)  # (N, hm, s, s): "batch"
     if layout == "entry":
         series = series.permute(2, 3, 1, 0).contiguous()  # (s, s, hm, N)
+    elif layout == "rows":
+        series = series.permute(1, 2, 0, 3).contiguous()  # (hm, s, N, s)
     js = torch.tensor([1, 2], dtype=torch.int32)
     leaf = series.clone().requires_grad_(True)
 
@@ -331,7 +333,7 @@ def test_kernel_squarings_write_and_read_given_rows(size):
 @pytest.mark.parametrize(
     "size, dtype, layout",
     [(4, torch.float32, "entry"), (8, torch.float64, "entry"), (16, torch.float32, "batch"),
-     (64, torch.float32, "batch")],
+     (64, torch.float32, "batch"), (16, torch.float64, "rows"), (64, torch.float32, "rows")],
 )  # fmt: skip
 def test_fused_rotations_kernel_is_the_squarings_then_the_rays(size, dtype, layout):
     # one parallel region each way (kernels.rotations_forward / rotations_backward): the same
@@ -348,6 +350,8 @@ def test_fused_rotations_kernel_is_the_squarings_then_the_rays(size, dtype, layo
     series = blocks - blocks.mT
     if layout == "entry":
         series = series.permute(2, 3, 1, 0).contiguous()  # (s, s, hm, nb)
+    elif layout == "rows":
+        series = series.permute(1, 2, 0, 3).contiguous()  # (hm, s, nb, s)
     separate = torch.empty(h, plan.n, m, size, size, dtype=dtype)
     K.squarings_forward(series, js, h, m, layout, out=separate, rows=plan.base)
     K.ray_products_forward(separate, *plan.items)

@@ -545,22 +545,28 @@ def _fn(kind: str, dtype: torch.dtype, size: int) -> ctypes._CFuncPtr:  # type: 
 #   "entry"     (s, s, h*m, N)  the 1-2 axis GEMM for blocks <= 8
 #   "batch"     (N, h*m, s, s)  the 1-2 axis GEMM for larger blocks
 #   "entry-hnm" (s, s, h*N*m)   the 3-axis Paterson-Stockmeyer series for blocks <= 8
-LAYOUTS = ("entry", "batch", "entry-hnm")
+#   "rows"      (h*m, s, N, s)  the 1-2 axis GEMM for larger blocks, one batched product over
+#                               the coefficients' rows (Note [series in rows] in
+#                               ``liere.speed.polynomial``)
+LAYOUTS = ("entry", "batch", "entry-hnm", "rows")
 
 
 def _series_strides(layout: str, s: int, h: int, m: int, n: int) -> tuple[int, ...]:
-    """Strides (entry, head, block, token) of a contiguous series in ``layout``."""
+    """Strides (entry column, head, block, token, entry row) of a contiguous series in
+    ``layout``: entry ``(i, j)`` is at ``i * row + j * column``."""
     if layout == "entry":
-        return (h * m * n, m * n, n, 1)
+        return (h * m * n, m * n, n, 1, s * h * m * n)
     if layout == "batch":
-        return (1, m * s * s, s * s, h * m * s * s)
+        return (1, m * s * s, s * s, h * m * s * s, s)
     if layout == "entry-hnm":
-        return (h * n * m, n * m, 1, m)
+        return (h * n * m, n * m, 1, m, s * h * n * m)
+    if layout == "rows":
+        return (1, m * s * n * s, s * n * s, s, n * s)
     raise ValueError(f"unknown series layout {layout!r}; expected one of {LAYOUTS}")
 
 
 def block_size_of(series: Tensor, layout: str) -> int:
-    return int(series.shape[-1] if layout == "batch" else series.shape[0])
+    return int(series.shape[-1] if layout in ("batch", "rows") else series.shape[0])
 
 
 def squarings_forward(
@@ -587,7 +593,7 @@ def squarings_forward(
         out = _fresh(series, h, n, m, s, s)
     else:
         _check_token_rows("out", out, series.dtype, (h, m, s), n, rows)
-    strides = (ctypes.c_int64 * 4)(*_series_strides(layout, s, h, m, n))
+    strides = (ctypes.c_int64 * 5)(*_series_strides(layout, s, h, m, n))
     _run(
         "squarings", series.dtype, s, _ptr(series), strides, _ptr(squarings), None, _ptr(out),
         _ptr(rows), h, m, n, out.shape[1], 0, _threads(),
@@ -654,7 +660,7 @@ def squarings_backward(
     s, n = _check_series(series, squarings, h, m, layout)
     _check_token_rows("grad", grad, series.dtype, (h, m, s), n, rows)
     out = _fresh(series)
-    strides = (ctypes.c_int64 * 4)(*_series_strides(layout, s, h, m, n))
+    strides = (ctypes.c_int64 * 5)(*_series_strides(layout, s, h, m, n))
     _run(
         "squarings", series.dtype, s, _ptr(series), strides, _ptr(squarings), _ptr(grad),
         _ptr(out), _ptr(rows), h, m, n, grad.shape[1], 1, _threads(),
@@ -896,7 +902,7 @@ def rotations_forward(
     s, nb = _check_series(series, squarings, h, m, layout)
     _check_token_rows("out", out, series.dtype, (h, m, s), nb, base)
     _check_rays(out, dst, left, right)
-    strides = (ctypes.c_int64 * 4)(*_series_strides(layout, s, h, m, nb))
+    strides = (ctypes.c_int64 * 5)(*_series_strides(layout, s, h, m, nb))
     _run(
         "rotations", series.dtype, s, _ptr(series), strides, _ptr(squarings), _ptr(out), None,
         None, _ptr(base), nb, _ptr(dst), _ptr(left), _ptr(right), dst.shape[0], h, m,
@@ -932,7 +938,7 @@ def rotations_backward(
     _check_rays(rotations, dst, left, right)
     _check_real("grad", grad, series.dtype, tuple(rotations.shape))
     out = _fresh(series)
-    strides = (ctypes.c_int64 * 4)(*_series_strides(layout, s, h, m, nb))
+    strides = (ctypes.c_int64 * 5)(*_series_strides(layout, s, h, m, nb))
     _run(
         "rotations", series.dtype, s, _ptr(series), strides, _ptr(squarings), _ptr(rotations),
         _ptr(grad), _ptr(out), _ptr(base), nb, _ptr(dst), _ptr(left), _ptr(right),

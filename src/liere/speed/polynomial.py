@@ -52,10 +52,31 @@ def uses_polynomial(dtype: torch.dtype, num_axes: int) -> bool:
     return dtype in POLY and num_axes <= _POLY_MAX_AXES
 
 
-def series_shape(hm: int, s: int, count: int, entry_major: bool) -> tuple[int, int, int, int]:
-    """The shape of ``poly_series``' output: entry-major ``(s, s, hm, N)`` or batch-major
-    ``(N, hm, s, s)``."""
-    return (s, s, hm, count) if entry_major else (count, hm, s, s)
+# Note [series in rows]
+# ~~~~~~~~~~~~~~~~~~~~~
+# The coefficients come out of the recursion as (hm, s, T*s): row i of block hm holds the
+# (T, s) rows of every C_e. For blocks the coefficient kernel does not serve, the series of
+# every token is therefore written in "rows" layout, (hm, s, N, s): row i of block hm of every
+# token is W (N, T) @ coefficients[hm, i] (T, s), one batched product over the hm*s rows that
+# reads the coefficients in place, and its gradient W^T @ g[hm, i] writes the coefficients'
+# layout directly. The squarings kernels read and write that layout (a row stride per
+# matrix). It replaced a permuted copy of the coefficients (11.8 MB for dense ViT-S/16 heads)
+# and one GEMM into (N, hm, s, s): about 10 -> 6 ms for 6 dense 64x64 heads, 118 tokens and
+# 120 monomials, the same bits (docs/performance.md). Without the kernels the series stays
+# batch-major, (N, hm, s, s), which the squarings in torch ops group by token.
+SERIES_LAYOUTS = ("entry", "batch", "rows")
+
+
+def series_shape(hm: int, s: int, count: int, layout: str) -> tuple[int, int, int, int]:
+    """The shape of ``poly_series``' output in ``layout``: ``"entry"`` ``(s, s, hm, N)``,
+    ``"batch"`` ``(N, hm, s, s)`` or ``"rows"`` ``(hm, s, N, s)``."""
+    if layout == "entry":
+        return (s, s, hm, count)
+    if layout == "batch":
+        return (count, hm, s, s)
+    if layout == "rows":
+        return (hm, s, count, s)
+    raise ValueError(f"unknown series layout {layout!r}; expected one of {SERIES_LAYOUTS}")
 
 
 def poly_terms(degree: int, num_axes: int) -> int:
@@ -182,34 +203,35 @@ def _poly_coefficients_backward(grad: Tensor, stacked: Tensor, out: Tensor, degr
     return d_stacked
 
 
-def series_product_plain(coefficients: Tensor, weights: Tensor, entry_major: bool) -> Tensor:
+def series_product_plain(coefficients: Tensor, weights: Tensor, layout: str) -> Tensor:
     """The series of every token from the coefficients (the GEMM of ``poly_series`` in plain ops).
 
     Shape:
-        coefficients ``(hm, s, T*s)``, weights ``(N, T)`` -> entry-major ``(s, s, hm, N)`` or
-        batch-major ``(N, hm, s, s)``
+        coefficients ``(hm, s, T*s)``, weights ``(N, T)`` -> ``series_shape(hm, s, N, layout)``
     """
     hm, s, ts = coefficients.shape
     terms, count = ts // s, weights.shape[0]
+    if layout == "rows":  # (N, T) @ (hm*s, T, s) -> (hm*s, N, s)
+        return torch.matmul(weights, coefficients.view(hm * s, terms, s)).view(hm, s, count, s)
     blocks = coefficients.view(hm, s, terms, s)
-    if entry_major:  # (s*s*hm, T) @ (T, N)
+    if layout == "entry":  # (s*s*hm, T) @ (T, N)
         flat = blocks.permute(1, 3, 0, 2).reshape(-1, terms)
         return torch.matmul(flat, weights.mT).view(s, s, hm, count)
     flat = blocks.permute(2, 0, 1, 3).reshape(terms, -1)  # (N, T) @ (T, hm*s*s)
     return torch.matmul(weights, flat).view(count, hm, s, s)
 
 
-def poly_series(stacked: Tensor, weights: Tensor, degree: int, entry_major: bool) -> Tensor:
+def poly_series(stacked: Tensor, weights: Tensor, degree: int, layout: str) -> Tensor:
     """The series of every token (Note [series as a polynomial in the positions]): the
     coefficients of the stacked bases, then one GEMM with the monomials, as one autograd
     Function (``PolySeries``), so that the kernel can write the coefficients in the GEMM's
     layout directly.
 
     Shape:
-        stacked ``(hm, a*s, s)`` (``stack_axes``); weights ``(N, T)`` -> entry-major
-        ``(s, s, hm, N)`` or batch-major ``(N, hm, s, s)``
+        stacked ``(hm, a*s, s)`` (``stack_axes``); weights ``(N, T)`` ->
+        ``series_shape(hm, s, N, layout)``
     """
-    out: Tensor = PolySeries.apply(stacked, weights, degree, entry_major)
+    out: Tensor = PolySeries.apply(stacked, weights, degree, layout)
     return out
 
 
@@ -217,20 +239,34 @@ def poly_series_forward(
     stacked: Tensor,
     weights: Tensor,
     degree: int,
-    entry_major: bool,
+    layout: str,
     series_buffer: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """``poly_series`` without autograd: the series, the coefficients ``(hm, s, T*s)`` (their
     backward reads them) and the GEMM's operand (the coefficients laid out as the GEMM reads
-    them; the positions' gradient needs it). With ``series_buffer`` (flat, contiguous, at least
-    the series' size, its dtype and device) the series is written into its leading entries.
+    them, which the positions' gradient needs; ``None`` in ``"rows"`` layout, whose product
+    reads the coefficients themselves). With ``series_buffer`` (flat, contiguous, at least the
+    series' size, its dtype and device) the series is written into its leading entries.
 
     With blocks the coefficient kernel serves and an entry-major series, the kernel writes
-    both layouts in one pass; otherwise the GEMM's operand is a permuted copy (0.5 ms of
+    both layouts in one pass; in ``"rows"`` layout the product reads the coefficients in place
+    (Note [series in rows]); otherwise the GEMM's operand is a permuted copy (0.5 ms of
     1.4 MB at ViT-S/16 with 8x8 blocks, each way, measured: docs/performance.md).
     """
     hm, _, s = stacked.shape
     count = weights.shape[0]
+    shape = series_shape(hm, s, count, layout)
+    entry_major = layout == "entry"
+    if layout == "rows":
+        coefficients = _poly_coefficients_forward(stacked, degree)
+        terms = coefficients.shape[-1] // s
+        if series_buffer is None:
+            series = _kernels._fresh(coefficients, *shape)
+        else:
+            series = series_buffer[: math.prod(shape)].view(shape)
+        rows = coefficients.view(hm * s, terms, s)
+        torch.bmm(weights.expand(hm * s, count, terms), rows, out=series.view(hm * s, count, s))
+        return series, coefficients, None
     if entry_major and _kernels.usable(stacked, size=s, sizes=_kernels.POLY_SIZES):
         coefficients, flat = _kernels.poly_coefficients_forward(
             stacked.contiguous(), degree, entry_major=True
@@ -247,7 +283,6 @@ def poly_series_forward(
         else:
             flat = _kernels._fresh(coefficients, terms, hm, s, s)
             flat.copy_(blocks.permute(2, 0, 1, 3))
-    shape = series_shape(hm, s, count, entry_major)
     if series_buffer is None:
         series = _kernels._fresh(coefficients, *shape)
     else:
@@ -265,11 +300,12 @@ def poly_series_backward(
     coefficients: Tensor,
     weights: Tensor,
     degree: int,
-    entry_major: bool,
+    layout: str,
 ) -> Tensor:
     """``poly_series``' vector-Jacobian product with respect to the stacked bases, first
     order, no autograd: one GEMM, then the coefficients' backward, which reads the GEMM's
-    gradient in place (entry-major, blocks the kernel serves) or after a permuted copy.
+    gradient in place (entry-major, blocks the kernel serves; and "rows", whose product writes
+    the coefficients' layout) or after a permuted copy.
 
     Shape:
         grad as the series; stacked ``(hm, a*s, s)``; coefficients ``(hm, s, T*s)``;
@@ -278,13 +314,15 @@ def poly_series_backward(
     hm, _, s = stacked.shape
     terms, count = weights.shape[1], weights.shape[0]
     g = grad.contiguous()
-    if entry_major and _kernels.usable(stacked, coefficients, g, size=s, sizes=_kernels.POLY_SIZES):
+    if layout == "entry" and _kernels.usable(
+        stacked, coefficients, g, size=s, sizes=_kernels.POLY_SIZES
+    ):
         d_flat = _kernels._fresh(g, s, s, hm, terms)  # (s*s*hm, T) = g (s*s*hm, N) @ W (N, T)
         torch.mm(g.view(-1, count), weights, out=d_flat.view(-1, terms))
         return _kernels.poly_coefficients_backward(
             d_flat, stacked.contiguous(), coefficients, degree, entry_major=True
         )
-    d_coef = _series_product_coefficients_grad(g, coefficients.shape, weights, entry_major)
+    d_coef = _series_product_coefficients_grad(g, coefficients.shape, weights, layout)
     return _poly_coefficients_backward(d_coef, stacked, coefficients, degree)
 
 
@@ -294,11 +332,9 @@ class PolySeries(torch.autograd.Function):
     and the GEMM's operand only when the weights need a gradient."""
 
     @staticmethod
-    def forward(
-        ctx: Any, stacked: Tensor, weights: Tensor, degree: int, entry_major: bool
-    ) -> Tensor:
-        series, coefficients, flat = poly_series_forward(stacked, weights, degree, entry_major)
-        ctx.degree, ctx.entry_major = degree, entry_major
+    def forward(ctx: Any, stacked: Tensor, weights: Tensor, degree: int, layout: str) -> Tensor:
+        series, coefficients, flat = poly_series_forward(stacked, weights, degree, layout)
+        ctx.degree, ctx.layout = degree, layout
         keep_flat = flat if ctx.needs_input_grad[1] else None
         ctx.save_for_backward(stacked, coefficients, weights, keep_flat)
         return series
@@ -306,13 +342,13 @@ class PolySeries(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None, None]:
         stacked, coefficients, weights, flat = ctx.saved_tensors
-        degree, entry_major = ctx.degree, ctx.entry_major
+        degree, layout = ctx.degree, ctx.layout
         need_bases, need_weights = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():  # create_graph=True: recompute in differentiable plain ops
             inputs = [t for t, need in ((stacked, need_bases), (weights, need_weights)) if need]
             with torch.enable_grad():
                 ref = series_product_plain(
-                    poly_coefficients_plain(stacked, degree), weights, entry_major
+                    poly_coefficients_plain(stacked, degree), weights, layout
                 )
                 grads = iter(torch.autograd.grad(ref, inputs, grad, create_graph=True))
             return (
@@ -323,12 +359,15 @@ class PolySeries(torch.autograd.Function):
             )
         d_stacked = d_weights = None
         if need_bases:
-            d_stacked = poly_series_backward(
-                grad, stacked, coefficients, weights, degree, entry_major
-            )
+            d_stacked = poly_series_backward(grad, stacked, coefficients, weights, degree, layout)
         if need_weights:  # positions that need gradients
             g, count, terms = grad.contiguous(), weights.shape[0], weights.shape[1]
-            if entry_major:  # d_W (N, T) = g^T (N, s*s*hm) @ flat (s*s*hm, T)
+            if layout == "rows":  # d_W[n, t] = sum_(b, j) g[b, n, j] coefficients[b, t, j]
+                s = stacked.shape[-1]
+                d_weights = torch.einsum(
+                    "bnj,btj->nt", g.view(-1, count, s), coefficients.view(-1, terms, s)
+                )
+            elif layout == "entry":  # d_W (N, T) = g^T (N, s*s*hm) @ flat (s*s*hm, T)
                 d_weights = g.view(-1, count).mT @ flat.view(-1, terms)
             else:  # d_W (N, T) = g (N, hm*s*s) @ flat^T (hm*s*s, T)
                 d_weights = g.view(count, -1) @ flat.view(terms, -1).mT
@@ -336,14 +375,15 @@ class PolySeries(torch.autograd.Function):
 
 
 def _series_product_coefficients_grad(
-    grad: Tensor, shape: torch.Size, weights: Tensor, entry_major: bool
+    grad: Tensor, shape: torch.Size, weights: Tensor, layout: str
 ) -> Tensor:
     """The series GEMM's gradient with respect to the coefficients (of ``shape``), first
     order, no autograd.
 
-    Batch-major, row ``i`` of block ``hm`` of the coefficients, ``(T, s)`` contiguous, is
-    ``W^T (T, N) @ g[:, hm, i] (N, s)``: one batched product over ``hm * s`` rows reads the
-    gradient in place (row stride ``hm*s*s``) and writes the coefficients' layout directly.
+    Batch-major and "rows", row ``i`` of block ``hm`` of the coefficients, ``(T, s)``
+    contiguous, is ``W^T (T, N) @ g[hm, i] (N, s)``: one batched product over ``hm * s`` rows
+    reads the gradient in place (in "rows" layout contiguous, batch-major with row stride
+    ``hm*s*s``) and writes the coefficients' layout directly.
     It replaced one GEMM into the series' layout and a permuted copy: 15.2 / 16.9 -> 5.6 /
     6.2 ms for dense 64x64 heads at ViT-S/16 (6 heads, 118 tokens, 120 monomials), and
     9.6 -> 6.5 ms with glibc's trimming off (docs/performance.md). Entry-major, one GEMM and
@@ -354,8 +394,12 @@ def _series_product_coefficients_grad(
     """
     hm, s, ts = shape
     terms, count = ts // s, weights.shape[0]
-    if not entry_major:
-        rows = grad.view(count, hm * s, s).transpose(0, 1)  # (hm*s, N, s)
+    if layout != "entry":
+        rows = (  # (hm*s, N, s)
+            grad.view(hm * s, count, s)
+            if layout == "rows"
+            else grad.view(count, hm * s, s).transpose(0, 1)
+        )
         return torch.bmm(weights.mT.expand(hm * s, terms, count), rows).view(hm, s, ts)
     fresh = _kernels._fresh
     d_flat = fresh(grad, s, s, hm, terms)  # (s*s*hm, T) = g (s*s*hm, N) @ W (N, T)

@@ -229,6 +229,12 @@ def _scaled_bases(bases: Tensor, sigma: Tensor) -> tuple[Tensor, int]:
 # recomputes as before.
 
 
+def kernel_series_layout(size: int) -> str:
+    """The series' layout where the squarings kernels take it: entry-major for blocks up to
+    8x8 (Note [small-block layout]), else "rows" (Note [series in rows])."""
+    return "entry" if size <= ENTRY_MAJOR_MAX_BLOCK else "rows"
+
+
 class KeptSeries(NamedTuple):
     """What the forward operator keeps for ``bases_vjp`` (Note [series kept for the backward
     operator])."""
@@ -291,8 +297,7 @@ def rotations_keeping_series(
     _warn_if_inaccurate(direct.norm, bases.dtype)
     h, a, m, size, _ = bases.shape
     degree = POLY[bases.dtype][0]
-    entry_major = size <= ENTRY_MAJOR_MAX_BLOCK
-    layout = "entry" if entry_major else "batch"
+    layout = kernel_series_layout(size)
     plan, js = direct.plan, direct.js
     weights, scaled, _ = _series_inputs(direct.positions, js, bases, sigma, degree)
     # the rows past the directly computed tokens' are zeros: an operator's outputs are
@@ -301,7 +306,7 @@ def rotations_keeping_series(
     kept_weights[: weights.shape[0]] = weights
     series_buffer = bases.new_empty(series_shape)
     series, coefficients, _ = poly_series_forward(
-        stack_axes(scaled), weights, degree, entry_major, series_buffer
+        stack_axes(scaled), weights, degree, layout, series_buffer
     )
     series_buffer[series.numel() :].zero_()
     js32 = js.to(torch.int32)
@@ -426,18 +431,17 @@ def _polynomial_bases_vjp(
     h, a, m = bases.shape[:3]
     degree = POLY[bases.dtype][0]
     positions, js = direct.positions, direct.js
-    entry_major = size <= ENTRY_MAJOR_MAX_BLOCK
-    layout = "entry" if entry_major else "batch"
+    layout = kernel_series_layout(size)
     count = positions.shape[0]
     if kept is None:
         weights, scaled, e = _series_inputs(positions, js, bases, sigma, degree)
         stacked = stack_axes(scaled)
-        series, coefficients, _ = poly_series_forward(stacked, weights, degree, entry_major)
+        series, coefficients, _ = poly_series_forward(stacked, weights, degree, layout)
     else:
         scaled, e = _scaled_bases(bases, sigma)
         stacked = stack_axes(scaled)
         weights, coefficients = kept.weights[:count], kept.coefficients
-        shape = series_shape(h * m, size, count, entry_major)
+        shape = series_shape(h * m, size, count, layout)
         series = kept.series[: math.prod(shape)].view(shape)
     js32, plan = js.to(torch.int32), direct.plan
     if plan is None:
@@ -447,7 +451,7 @@ def _polynomial_bases_vjp(
         d_series = _kernels.rotations_backward(
             series, js32, rotations, grad, plan.base, dst, left, right, h, m, layout
         )
-    d_stacked = poly_series_backward(d_series, stacked, coefficients, weights, degree, entry_major)
+    d_stacked = poly_series_backward(d_series, stacked, coefficients, weights, degree, layout)
     # undo stack_axes: (h*m, a*s, s) -> (h, a, m, s, s)
     d_scaled = d_stacked.view(h * m, a, size, size).transpose(0, 1).reshape(a, h, m, size, size)
     d_scaled = d_scaled.transpose(0, 1)
@@ -518,9 +522,9 @@ def _direct_rotations(
         if order is not None:
             flat_pos, js = flat_pos[order], js[order]
         weights, scaled, _ = _series_inputs(flat_pos, js, bases, sigma, degree)
-        series = poly_series(stack_axes(scaled), weights, degree, entry_major)
+        layout = kernel_series_layout(size) if kernel else "entry" if entry_major else "batch"
+        series = poly_series(stack_axes(scaled), weights, degree, layout)
         if kernel:
-            layout = "entry" if entry_major else "batch"
             if plan is not None and _kernels.usable(bases, size=size, sizes=_kernels.RAY_SIZES):
                 full: Tensor = KernelRotations.apply(
                     series, js.to(torch.int32), h, m, layout, plan

@@ -94,6 +94,8 @@ def token_squarings_plain(series: Tensor, js: Tensor, h: int, m: int, layout: st
         out = series.view(size, size, h * m, count).permute(3, 2, 0, 1)
     elif layout == "batch":
         out = series.view(count, h * m, size, size)
+    elif layout == "rows":
+        out = series.view(h * m, size, count, size).permute(2, 0, 1, 3)
     else:  # entry-hnm
         out = series.view(size, size, h, count, m).permute(3, 2, 4, 0, 1)
         out = out.reshape(count, h * m, size, size)
