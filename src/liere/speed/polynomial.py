@@ -260,10 +260,7 @@ def poly_series_forward(
     if layout == "rows":
         coefficients = _poly_coefficients_forward(stacked, degree)
         terms = coefficients.shape[-1] // s
-        if series_buffer is None:
-            series = _kernels._fresh(coefficients, *shape)
-        else:
-            series = series_buffer[: math.prod(shape)].view(shape)
+        series = _series_output(coefficients, shape, series_buffer)
         rows = coefficients.view(hm * s, terms, s)
         torch.bmm(weights.expand(hm * s, count, terms), rows, out=series.view(hm * s, count, s))
         return series, coefficients, None
@@ -283,15 +280,20 @@ def poly_series_forward(
         else:
             flat = _kernels._fresh(coefficients, terms, hm, s, s)
             flat.copy_(blocks.permute(2, 0, 1, 3))
-    if series_buffer is None:
-        series = _kernels._fresh(coefficients, *shape)
-    else:
-        series = series_buffer[: math.prod(shape)].view(shape)
+    series = _series_output(coefficients, shape, series_buffer)
     if entry_major:  # (s*s*hm, T) @ (T, N) -> (s, s, hm, N)
         torch.mm(flat.view(-1, terms), weights.mT, out=series.view(-1, count))
     else:  # (N, T) @ (T, hm*s*s) -> (N, hm, s, s)
         torch.mm(weights, flat.view(terms, -1), out=series.view(count, -1))
     return series, coefficients, flat
+
+
+def _series_output(like: Tensor, shape: tuple[int, ...], buffer: Optional[Tensor]) -> Tensor:
+    """Where the series goes: a fresh tensor of ``shape``, or the leading entries of
+    ``buffer``."""
+    if buffer is None:
+        return _kernels._fresh(like, *shape)
+    return buffer[: math.prod(shape)].view(shape)
 
 
 def poly_series_backward(
