@@ -38,6 +38,12 @@ int liere_vector_registers(void) { return LIERE_VREGS; }
 #define LIERE_RB(nc) \
     ((LIERE_VREGS / 2) / (nc) < 1 ? 1 : (LIERE_VREGS / 2) / (nc) > 4 ? 4 : (LIERE_VREGS / 2) / (nc))
 
+/* the products' register tile (gemm.c.in): GQ vectors of a row (at most 2) by GR rows, as
+   many as fit in the registers beside GQ vectors of b and one broadcast */
+#define LIERE_GQ(nc) ((nc) < 2 ? (nc) : 2)
+#define LIERE_GR(s, nc) \
+    ((LIERE_VREGS - LIERE_GQ(nc) - 1) / LIERE_GQ(nc) < (s) ? (LIERE_VREGS - LIERE_GQ(nc) - 1) / LIERE_GQ(nc) : (s))
+
 /* Two-source lane shuffles for transposing a W x W tile held in W vectors of W lanes
    (gemm.c.in's transpose): round d swaps bit d of the row index with bit d of the lane
    index, so rows i and i + d (bit d of i clear) become LO and HI picks of lanes 0..W-1 of

@@ -181,7 +181,8 @@ def _instance(template: str, real: str, size: int) -> str:
     """``template`` for one real type and block size: ``SFX``, ``REAL``, ``IREAL`` and the
     size tokens ``S`` (block size), ``CW`` (lanes of one vector register, at most ``S``),
     ``NC`` (vectors per block row), ``RB`` (rows per tile, so that ``RB * NC`` accumulators
-    fit in half the registers) and ``TT`` (the side of a transposed tile) replaced. ``CW``,
+    fit in half the registers), ``GQ`` and ``GR`` (the products' tile: ``GR`` rows of ``GQ``
+    vectors, ``common.h``) and ``TT`` (the side of a transposed tile) replaced. ``CW``,
     ``NC`` and ``RB`` are C constant expressions of the target's vector width and register
     count (``LIERE_VBYTES``, ``LIERE_VREGS`` in ``common.h``), which the compiler knows and
     this process need not guess."""
@@ -196,11 +197,12 @@ def _instance(template: str, real: str, size: int) -> str:
         "CW": lanes,
         "NC": chunks,
         "RB": f"LIERE_RB{chunks}",
+        "GQ": f"LIERE_GQ{chunks}",
+        "GR": f"LIERE_GR({size}, {chunks})",
         "TT": str(min(size, 8)),
     }
-    return re.sub(
-        r"(?<![A-Za-z0-9_])(S|CW|NC|RB|TT)(?![A-Za-z0-9_])", lambda t: str(values[t.group(1)]), code
-    )
+    tokens = r"(?<![A-Za-z0-9_])(S|CW|NC|RB|GQ|GR|TT)(?![A-Za-z0-9_])"
+    return re.sub(tokens, lambda t: str(values[t.group(1)]), code)
 
 
 def _source() -> str:
