@@ -153,8 +153,9 @@ _RAYS = _read_source("rays.c.in")
 # multiply-add is a full-width vector operation with no dependency between lanes.
 _SQUARINGS = _read_source("squarings.c.in")
 
-# Squarings for larger blocks (32, 64), one matrix at a time: a register-tiled product (RB rows
-# of NC vector registers of accumulators), each matrix squared in L1/L2 and written once.
+# Squarings for larger blocks (32, 64), one matrix at a time: a register-tiled product (GR rows
+# of GQ vector registers of accumulators, gemm.c.in), each matrix squared in L1/L2 and written
+# once.
 _SQUARINGS_LARGE = _read_source("squarings_large.c.in")
 
 # The squarings and the products along rays in one parallel region, one instance per (real
