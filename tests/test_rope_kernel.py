@@ -175,3 +175,21 @@ def test_rope_kernel_checks_its_arguments():
         K.rope_backward(q, k, cos, sin, q, None, 1, True, True)
     with pytest.raises(ValueError, match=r"\(b, h, p \+ n, 2k\)"):
         K.rope_forward(q[0], k[0], cos, sin, 1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("heads", "table_heads"), [(4, 4), (3, 1)])
+@pytest.mark.parametrize("pairs", [7, 8, 16, 32])
+def test_rope_tables_gradient_of_head_sized_rows(dtype, heads, table_heads, pairs):
+    # rows of a whole number of vectors (8, 16, 32 pairs) take the tables' backward a vector
+    # at a time; 7 pairs take it pair by pair; heads sharing one table sum into it
+    b, n, prefix = 3, 6, 1
+    q, k = qk_views(b, heads, prefix + n, 2 * pairs, dtype, seed=5)
+    cos, sin = tables(table_heads, n, pairs, dtype, seed=6)
+    up = [randn(*q.shape, seed=7, dtype=dtype), randn(*q.shape, seed=8, dtype=dtype)]
+    fast, d_fast = grads_of(lambda *t: ops.rope_pair(*t, prefix), (q, k, cos, sin), up)
+    ref, d_ref = grads_of(lambda *t: reference_pair(*t, prefix), (q, k, cos, sin), up)
+    tol = {"atol": 2e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 0}
+    for a, r in zip((*fast, *d_fast), (*ref, *d_ref)):
+        torch.testing.assert_close(a, r, **tol)

@@ -44,6 +44,18 @@ int liere_vector_registers(void) { return LIERE_VREGS; }
 #define LIERE_GR(s, nc) \
     ((LIERE_VREGS - LIERE_GQ(nc) - 1) / LIERE_GQ(nc) < (s) ? (LIERE_VREGS - LIERE_GQ(nc) - 1) / LIERE_GQ(nc) : (s))
 
+/* lanes of one vector register per real type (the RoPE kernel's channel-pair swap) */
+#if LIERE_VBYTES == 64
+#define LIERE_LANES_float 16
+#define LIERE_LANES_double 8
+#elif LIERE_VBYTES == 32
+#define LIERE_LANES_float 8
+#define LIERE_LANES_double 4
+#else
+#define LIERE_LANES_float 4
+#define LIERE_LANES_double 2
+#endif
+
 /* Two-source lane shuffles for transposing a W x W tile held in W vectors of W lanes
    (gemm.c.in's transpose): round d swaps bit d of the row index with bit d of the lane
    index, so rows i and i + d (bit d of i clear) become LO and HI picks of lanes 0..W-1 of
@@ -69,6 +81,13 @@ int liere_vector_registers(void) { return LIERE_VREGS; }
 #define LIERE_HI_16_2 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31
 #define LIERE_LO_16_1 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30
 #define LIERE_HI_16_1 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31
+/* lane i <- lane i ^ 1 for W lanes: the two channels of every pair swapped */
+#define LIERE_PAIRSWAP_2 1, 0
+#define LIERE_PAIRSWAP_4 1, 0, 3, 2
+#define LIERE_PAIRSWAP_8 1, 0, 3, 2, 5, 4, 7, 6
+#define LIERE_PAIRSWAP_16 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14
+#define LIERE_PAIRSWAP_(W) LIERE_PAIRSWAP_##W
+#define LIERE_PAIRSWAP(W) LIERE_PAIRSWAP_(W)
 /* one round d on the W rows r[0..W-1] */
 #define LIERE_ROUND(r, W, d)                                                             \
     for (int i_ = 0; i_ < W; i_++)                                                       \

@@ -20,6 +20,14 @@ against 0.93 ms at ViT-S/16, batch 8, medians of three alternating runs of 200);
 swept in memory order. Outputs are laid out like q (Note [output layout] in
 ``liere.kernels``).
 
+The tables' backward takes each row a vector at a time in its interleaved layout, where the
+compiler has lane shuffles and a row is a whole number of vectors: with ``g'`` the gradient
+with each pair's two channels swapped, ``dx = g (c, c) + g' (s, -s)``, and per lane
+``P += g x``, ``Q += g' x``, so ``dc_j = P_2j + P_2j+1`` and ``ds_j = Q_2j - Q_2j+1``.
+Pair by pair, the compiler had de-interleaved the channels element by element. At ViT-S/16,
+batch 32, RoPE-Mixed's backward kernel went from 14.0-17.3 to 9.4-9.95 ms (four alternating
+processes each, ``results/runs/rope_tables_bench.txt``). Other rows go pair by pair.
+
 Measured at ViT-S/16 (``results/runs/rope_kernel_ab_8d3996a.txt``, the layer forward +
 backward against the complex multiplication in the same process): MixedRoPE 1.20 -> 1.16x the
 layer without encoding at batch 8 and 1.16 -> 1.06x at batch 32; AxialRoPE within the noise
